@@ -1,0 +1,210 @@
+"""ambient-med: from hospital MRI to an ambient diffusion model that never saw a full scan.
+
+    snakemake --cores 8 train    # every configured cohort's model
+    snakemake --cores 8 all      # models, samples and evaluation
+
+Each rule is a thin call to the `ambient-med` CLI; the logic lives in the package.
+"""
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+from ambient_med import __version__
+from ambient_med.config import cohort_settings, stage_json, validate_config
+from ambient_med.errors import AmbientMedError
+
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# One clear line for a bad config (naming the key) before Snakemake's own validation, which
+# also fills in every default from the schema.
+try:
+    validate_config(config)
+except AmbientMedError as exc:
+    raise WorkflowError(str(exc))
+validate(config, "config/schema.yaml", set_default=True)
+
+COHORTS = sorted(config["cohorts"])
+KINDS = ["pixel", "kspace"]
+ENV = "envs/ambient-med.yaml"
+
+
+wildcard_constraints:
+    cohort="[A-Za-z0-9][A-Za-z0-9_-]*",
+    kind="pixel|kspace",
+
+
+def cohort_input(wildcards):
+    """The demo cohort's generated folder, or the configured folder of a real cohort."""
+    try:
+        settings = cohort_settings(config, wildcards.cohort)
+    except AmbientMedError as exc:
+        raise WorkflowError(str(exc))
+    if not settings["demo"] and not Path(settings["input"]).is_dir():
+        raise WorkflowError(
+            f"config key 'cohorts.{wildcards.cohort}.input': folder "
+            f"'{settings['input']}' does not exist"
+        )
+    return settings["input"]
+
+
+def train_input(wildcards):
+    """Corrupted measurements; only train_mode 'clean' reads the clean slice store."""
+    settings = config["cohorts"][wildcards.cohort]
+    if settings["train_mode"] == "clean":
+        return f"results/{wildcards.cohort}/ingest/slices.h5"
+    return f"results/{wildcards.cohort}/corrupt/{settings['corruption']}.h5"
+
+
+def stage_params(stage):
+    return lambda wildcards: stage_json(config, wildcards.cohort, stage)
+
+
+rule all:
+    input:
+        expand("results/{cohort}/train/model.pt", cohort=COHORTS),
+        expand("results/{cohort}/corrupt/{kind}.h5", cohort=COHORTS, kind=KINDS),
+        expand("results/{cohort}/sample/grid.png", cohort=COHORTS),
+        expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
+    default_target: True
+    localrule: True
+
+
+rule train:
+    input:
+        expand("results/{cohort}/train/model.pt", cohort=COHORTS),
+    localrule: True
+
+
+rule demo_data:
+    output:
+        directory("data/{cohort}"),
+    log:
+        "results/{cohort}/logs/demo_data.log",
+    benchmark:
+        "results/{cohort}/benchmarks/demo_data.tsv"
+    params:
+        version=__version__,
+        cfg=stage_params("demo_data"),
+    threads: 2
+    conda:
+        ENV
+    shell:
+        "ambient-med demo-data --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --output {output} 2> {log}"
+
+
+rule ingest:
+    input:
+        cohort_input,
+    output:
+        slices="results/{cohort}/ingest/slices.h5",
+        manifest="results/{cohort}/ingest/manifest.csv",
+    log:
+        "results/{cohort}/logs/ingest.log",
+    benchmark:
+        "results/{cohort}/benchmarks/ingest.tsv"
+    params:
+        version=__version__,
+        cfg=stage_params("ingest"),
+    threads: 2
+    conda:
+        ENV
+    shell:
+        "ambient-med ingest --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --input {input} --slices {output.slices} "
+        "--manifest {output.manifest} 2> {log}"
+
+
+rule corrupt:
+    input:
+        "results/{cohort}/ingest/slices.h5",
+    output:
+        "results/{cohort}/corrupt/{kind}.h5",
+    log:
+        "results/{cohort}/logs/corrupt_{kind}.log",
+    benchmark:
+        "results/{cohort}/benchmarks/corrupt_{kind}.tsv"
+    params:
+        version=__version__,
+        cfg=stage_params("corrupt"),
+    threads: 1
+    conda:
+        ENV
+    shell:
+        "ambient-med corrupt --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --kind {wildcards.kind} --slices {input} --output {output} "
+        "2> {log}"
+
+
+rule train_model:
+    input:
+        train_input,
+    output:
+        model="results/{cohort}/train/model.pt",
+        loss="results/{cohort}/train/loss.csv",
+    log:
+        "results/{cohort}/logs/train.log",
+    benchmark:
+        "results/{cohort}/benchmarks/train.tsv"
+    params:
+        version=__version__,
+        cfg=stage_params("train"),
+        checkpoints=lambda wildcards: f"results/{wildcards.cohort}/train/checkpoints",
+    threads: 8
+    resources:
+        gpu=lambda wildcards: int(config["train"]["device"] == "cuda"),
+    conda:
+        ENV
+    shell:
+        "ambient-med train --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --input {input} --model {output.model} "
+        "--loss-log {output.loss} --checkpoints {params.checkpoints} 2> {log}"
+
+
+rule sample:
+    input:
+        "results/{cohort}/train/model.pt",
+    output:
+        nifti="results/{cohort}/sample/samples.nii.gz",
+        grid="results/{cohort}/sample/grid.png",
+    log:
+        "results/{cohort}/logs/sample.log",
+    benchmark:
+        "results/{cohort}/benchmarks/sample.tsv"
+    params:
+        version=__version__,
+        cfg=stage_params("sample"),
+    threads: 8
+    conda:
+        ENV
+    shell:
+        "ambient-med sample --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --model {input} --nifti {output.nifti} --grid {output.grid} "
+        "2> {log}"
+
+
+rule evaluate:
+    input:
+        model="results/{cohort}/train/model.pt",
+        slices="results/{cohort}/ingest/slices.h5",
+    output:
+        "results/{cohort}/eval/metrics.json",
+    log:
+        "results/{cohort}/logs/evaluate.log",
+    benchmark:
+        "results/{cohort}/benchmarks/evaluate.tsv"
+    params:
+        version=__version__,
+        cfg=stage_params("evaluate"),
+    threads: 8
+    conda:
+        ENV
+    shell:
+        "ambient-med evaluate --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --model {input.model} --slices {input.slices} "
+        "--metrics {output} 2> {log}"

@@ -1,0 +1,5 @@
+import sys
+
+from ambient_med.cli import main
+
+sys.exit(main())

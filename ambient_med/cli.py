@@ -1,0 +1,182 @@
+"""``ambient-med <stage>``: one subcommand per Snakemake rule.
+
+Each subcommand reads the config (a YAML file, or the JSON slice a Snakemake rule passes),
+validates it, and calls one stage. Failures print one line — the file or config key and the
+reason — and exit with status 2; set AMBIENT_MED_DEBUG=1 for a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ambient_med import __version__
+from ambient_med.config import load_config, stage_config
+from ambient_med.errors import AmbientMedError
+
+log = logging.getLogger("ambient_med")
+
+STAGES: dict[str, str] = {
+    "demo-data": "Write the demo cohort's inputs (NIfTI volumes and DICOM series with made-up "
+    "patient tags) from the ICBM 2009a template shipped in nilearn.",
+    "ingest": "Read a folder of DICOM series and NIfTI volumes, de-identify, reorient to RAS, "
+    "normalise and resize axial slices into a slice store; write a manifest of every file.",
+    "corrupt": "Turn clean slices into measurements y = A x0 (pixel masking or single-coil "
+    "Cartesian k-space undersampling) with masks and operator metadata, no clean image.",
+    "train": "Train the ambient diffusion denoiser (or the clean/naive baseline) on the "
+    "corrupted measurements; resumes from the last checkpoint after an interruption.",
+    "sample": "Draw prior samples from a trained model with the fixed-mask DDIM sampler; "
+    "write them as NIfTI and as a PNG grid.",
+    "evaluate": "Measure a trained model on clean hold-out slices (x0-prediction error at "
+    "several noise levels) into a flat metrics.json.",
+}
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config file (default: config/config.yaml)",
+    )
+    source.add_argument(
+        "--config-json",
+        default=None,
+        help="the stage's validated config slice as JSON (what Snakemake rules pass)",
+    )
+    parser.add_argument("--cohort", required=True, help="cohort name under 'cohorts:'")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ambient-med",
+        description="Ambient diffusion for MRI: train generative models on undersampled or "
+        "masked scans only. Each subcommand is one stage of the Snakemake workflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"ambient-med {__version__}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    parsers = {
+        name: sub.add_parser(name, help=text, description=text) for name, text in STAGES.items()
+    }
+    for p in parsers.values():
+        _config_args(p)
+    parsers["demo-data"].add_argument("--output", type=Path, required=True, help="folder to write")
+    p = parsers["ingest"]
+    p.add_argument("--input", type=Path, required=True, help="folder of DICOM/NIfTI files")
+    p.add_argument("--slices", type=Path, required=True, help="slice store to write (.h5)")
+    p.add_argument("--manifest", type=Path, required=True, help="manifest to write (.csv)")
+    p = parsers["corrupt"]
+    p.add_argument("--kind", choices=["pixel", "kspace"], required=True)
+    p.add_argument("--slices", type=Path, required=True, help="slice store from ingest")
+    p.add_argument("--output", type=Path, required=True, help="measurement store to write")
+    p = parsers["train"]
+    p.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="measurement store from corrupt (the slice store for train_mode: clean)",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file to write (.pt)")
+    p.add_argument("--loss-log", type=Path, required=True, help="loss CSV to write")
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        required=True,
+        help="folder for resumable checkpoints (not a Snakemake output: kept on failure)",
+    )
+    p = parsers["sample"]
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--nifti", type=Path, required=True, help="samples as a NIfTI volume")
+    p.add_argument("--grid", type=Path, required=True, help="samples as a PNG grid")
+    p = parsers["evaluate"]
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--slices", type=Path, required=True, help="slice store (hold-out split used)")
+    p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    return parser
+
+
+def _stage_cfg(args: argparse.Namespace, stage: str) -> dict[str, Any]:
+    if args.config_json is not None:
+        try:
+            cfg = json.loads(args.config_json)
+        except json.JSONDecodeError as exc:
+            raise AmbientMedError(f"--config-json: not valid JSON ({exc.msg})") from None
+        if cfg.get("cohort", {}).get("name") != args.cohort:
+            raise AmbientMedError(f"--config-json: is not the config of cohort '{args.cohort}'")
+        return cfg
+    config = load_config(args.config or Path("config/config.yaml"))
+    return stage_config(config, args.cohort, stage)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    stage = args.stage
+    if stage == "demo-data":
+        from ambient_med.stages import demo_data
+
+        demo_data.run(_stage_cfg(args, "demo_data"), args.output)
+    elif stage == "ingest":
+        from ambient_med.stages import ingest
+
+        ingest.run(_stage_cfg(args, "ingest"), args.input, args.slices, args.manifest)
+    elif stage == "corrupt":
+        from ambient_med.stages import corrupt
+
+        corrupt.run(_stage_cfg(args, "corrupt"), args.kind, args.slices, args.output)
+    elif stage == "train":
+        from ambient_med.stages import train
+
+        cfg = _stage_cfg(args, "train")
+        train.run(cfg, args.input, args.model, args.loss_log, args.checkpoints)
+    elif stage == "sample":
+        from ambient_med.stages import sample
+
+        sample.run(_stage_cfg(args, "sample"), args.model, args.nifti, args.grid)
+    elif stage == "evaluate":
+        from ambient_med.stages import evaluate
+
+        evaluate.run(_stage_cfg(args, "evaluate"), args.model, args.slices, args.metrics)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import torch
+
+        # Snakemake may grant more threads than the machine has (--cores 8 on 2 cores).
+        torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+        _dispatch(args)
+    except AmbientMedError as exc:
+        print(f"ambient-med {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ambient-med {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a bare traceback for the user; opt in for debugging
+        if os.environ.get("AMBIENT_MED_DEBUG"):
+            traceback.print_exc()
+        print(
+            f"ambient-med {args.stage}: internal error: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''} (AMBIENT_MED_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

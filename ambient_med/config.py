@@ -1,0 +1,125 @@
+"""Configuration: loading, validation against ``config/schema.yaml``, and per-stage slices.
+
+The Snakefile validates with ``snakemake.utils.validate(set_default=True)``; the CLI validates
+the same schema here, so a stage run by hand sees exactly the defaults a rule would.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from jsonschema import validators
+
+from ambient_med.errors import AmbientMedError
+
+SCHEMA_NAME = "config.schema.yaml"
+
+# Which config sections each stage depends on. Snakemake passes only these to a rule (as a
+# param), so editing, say, the sampler settings does not retrain the model.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "demo_data": ("demo",),
+    "ingest": ("ingest",),
+    "corrupt": ("corrupt",),
+    "train": ("corrupt", "model", "scheduler", "train"),
+    "sample": ("sample",),
+    "evaluate": ("evaluate",),
+}
+
+
+def load_schema() -> dict[str, Any]:
+    text = resources.files("ambient_med").joinpath(SCHEMA_NAME).read_text()
+    return yaml.safe_load(text)
+
+
+def _default_filling_validator() -> type:
+    """A Draft 2020-12 validator that fills ``default`` values (jsonschema FAQ recipe)."""
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    # deepcopy: never share one mutable default between two cohorts.
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(base, {"properties": set_defaults})
+
+
+def _key(path: Any) -> str:
+    return ".".join(str(part) for part in path) or "<top level>"
+
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns a validated copy of ``config`` with every default filled in.
+
+    Raises:
+        AmbientMedError: one line naming the first offending config key and the reason.
+    """
+    filled = copy.deepcopy(dict(config))
+    validator = _default_filling_validator()(load_schema())
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        raise AmbientMedError(f"config key '{_key(first.absolute_path)}': {first.message}")
+    return filled
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML config file and validates it."""
+    path = Path(path)
+    if not path.is_file():
+        raise AmbientMedError(f"config file '{path}': does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise AmbientMedError(f"config file '{path}': not valid YAML ({exc.problem})") from None
+    if not isinstance(data, dict):
+        raise AmbientMedError(f"config file '{path}': expected a mapping at the top level")
+    return validate_config(data)
+
+
+def cohort_settings(config: Mapping[str, Any], cohort: str) -> dict[str, Any]:
+    """The cohort's own entry, with its name and resolved input folder."""
+    cohorts = config["cohorts"]
+    if cohort not in cohorts:
+        raise AmbientMedError(f"config key 'cohorts.{cohort}': no such cohort")
+    settings = dict(cohorts[cohort])
+    settings["name"] = cohort
+    if settings.get("input") is None:
+        if not settings["demo"]:
+            raise AmbientMedError(
+                f"config key 'cohorts.{cohort}.input': required unless the cohort is a demo"
+            )
+        settings["input"] = f"data/{cohort}"
+    return settings
+
+
+def stage_config(config: Mapping[str, Any], cohort: str, stage: str) -> dict[str, Any]:
+    """The part of the config that one stage of one cohort depends on (JSON-serialisable)."""
+    if stage not in STAGE_SECTIONS:
+        raise AmbientMedError(f"unknown stage {stage!r}")
+    sliced: dict[str, Any] = {"cohort": cohort_settings(config, cohort)}
+    for section in STAGE_SECTIONS[stage]:
+        sliced[section] = copy.deepcopy(config[section])
+    return sliced
+
+
+def stage_json(config: Mapping[str, Any], cohort: str, stage: str) -> str:
+    """:func:`stage_config` as canonical JSON (sorted keys), for a Snakemake param."""
+    return json.dumps(stage_config(config, cohort, stage), sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(stage_cfg: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a stage config: checkpoints resume only on a match."""
+    canonical = json.dumps(stage_cfg, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

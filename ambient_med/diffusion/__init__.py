@@ -1,0 +1,1 @@
+"""Ambient diffusion: the MONAI network, the training objective and the samplers."""

@@ -1,0 +1,209 @@
+"""What the three training modes see, and one seeded, resumable optimisation loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ambient_med.diffusion.losses import AmbientObjective
+from ambient_med.physics.masks import (
+    LineMaskFunc,
+    derive_seed,
+    further_kspace_mask,
+    further_pixel_mask,
+    pixel_mask,
+)
+from ambient_med.physics.operators import Identity, MaskedOperator, PixelMask, SingleCoilFourier
+
+MODES = ("ambient", "naive", "clean")
+
+
+def to_image_channels(images: np.ndarray, kind: str) -> torch.Tensor:
+    """Real slices ``(N, H, W)`` → ``(N, C, H, W)``: 1 channel (pixel) or real + zero imaginary."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+    return torch.cat([x, torch.zeros_like(x)], dim=1) if kind == "kspace" else x
+
+
+def measurement_operator(kind: str, mask: torch.Tensor, height: int) -> MaskedOperator:
+    """A of a batch from stored masks: ``(B, H, W)`` pixel or ``(B, W)`` line masks."""
+    if kind == "pixel":
+        return PixelMask(mask.bool()[:, None])
+    return SingleCoilFourier(mask.bool(), height)
+
+
+@dataclass
+class TrainingSet:
+    """Training examples of one mode (DESIGN.md §3.1–3.5).
+
+    Attributes:
+        targets: ``(N, C, H, W)`` — what the loss compares A x̂0 with: measurements y
+            (ambient), the zero-filled A^H y (naive) or clean x0 (clean).
+        kind: ``"pixel"`` or ``"kspace"``.
+        mode: ``"ambient"``, ``"naive"`` or ``"clean"``.
+        masks: A's masks (ambient only): ``(N, H, W)`` pixel or ``(N, W)`` line masks.
+        further_masks: Ã = B A's masks when B is fixed per example (ambient only).
+        delta: pixel-mode probability that B hides an observed pixel.
+    """
+
+    targets: torch.Tensor
+    kind: str
+    mode: str
+    masks: torch.Tensor | None = None
+    further_masks: torch.Tensor | None = None
+    delta: float = 0.1
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.targets.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def operators(
+        self, idx: torch.Tensor, generator: torch.Generator, device: torch.device | str
+    ) -> tuple[MaskedOperator, MaskedOperator]:
+        """(A, Ã) for the examples ``idx``; B is redrawn from ``generator`` unless fixed."""
+        b, _, h, w = self.targets[idx].shape
+        if self.mode != "ambient":
+            identity = Identity(b, h, w, device)
+            return identity, identity
+        assert self.masks is not None
+        mask = self.masks[idx].to(device)
+        op = measurement_operator(self.kind, mask, h)
+        if self.further_masks is not None:
+            tilde = self.further_masks[idx].to(device)
+        else:
+            tilde = _draw_further(self.kind, mask, self.delta, generator)
+        return op, measurement_operator(self.kind, tilde, h)
+
+
+def _draw_further(
+    kind: str, mask: torch.Tensor, delta: float, generator: torch.Generator
+) -> torch.Tensor:
+    if kind == "pixel":
+        return further_pixel_mask(mask.bool()[:, None], delta, generator)[:, 0]
+    return further_kspace_mask(mask.bool(), generator)
+
+
+def fixed_further_masks(
+    kind: str, masks: torch.Tensor, example_keys: list[str], delta: float, seed: int
+) -> torch.Tensor:
+    """Ã masks fixed per example, each seeded by (cohort seed, example key) as published."""
+    rows = []
+    for n, key in enumerate(example_keys):
+        generator = torch.Generator().manual_seed(derive_seed(seed, "further", key))
+        rows.append(_draw_further(kind, masks[n : n + 1], delta, generator))
+    return torch.cat(rows)
+
+
+def inference_operator(
+    meta: Mapping[str, Any], batch: int, height: int, width: int, seed: int
+) -> MaskedOperator:
+    """Ã_inf of the training kind (DESIGN.md §4); the identity for `clean` and `naive`.
+
+    ``meta`` holds ``mode``, ``kind``, ``delta`` and the ``corrupt`` config section used at
+    training time. Seeded: the same seed gives the same operator.
+    """
+    if meta["mode"] != "ambient":
+        return Identity(batch, height, width)
+    generator = torch.Generator().manual_seed(seed)
+    corrupt = meta["corrupt"]
+    if meta["kind"] == "pixel":
+        keep = [
+            pixel_mask((height, width), corrupt["pixel"]["p"], derive_seed(seed, i))
+            for i in range(batch)
+        ]
+        mask = torch.from_numpy(np.stack(keep))
+    else:
+        kspace = corrupt["kspace"]
+        func = LineMaskFunc(
+            [kspace["center_fraction"]], [kspace["acceleration"]], kspace["mask_type"]
+        )
+        mask = torch.from_numpy(np.stack([func(width, derive_seed(seed, i)) for i in range(batch)]))
+    return measurement_operator(
+        meta["kind"], _draw_further(meta["kind"], mask, meta["delta"], generator), height
+    )
+
+
+class Trainer:
+    """Adam + EMA over :class:`AmbientObjective`; every random draw comes from one generator.
+
+    The generator, weights, EMA and optimizer state are all in :meth:`state_dict`, so a run
+    resumed from a checkpoint continues exactly as if it had not been interrupted.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        objective: AmbientObjective,
+        data: TrainingSet,
+        batch_size: int,
+        lr: float,
+        ema_decay: float,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.net = net.to(self.device)
+        self.objective = objective
+        self.data = data
+        self.batch_size = batch_size
+        self.num_timesteps = int(objective.alphas_cumprod.shape[0])
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.ema = AveragedModel(
+            self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self) -> float:
+        """One optimisation step on a random batch; returns the loss."""
+        idx = torch.randint(len(self.data), (self.batch_size,), generator=self.generator)
+        op, op_tilde = self.data.operators(idx, self.generator, self.device)
+        y = self.data.targets[idx].to(self.device)
+        t = torch.randint(self.num_timesteps, (self.batch_size,), generator=self.generator)
+        noise = torch.randn(y.shape, generator=self.generator).to(self.device)
+        self.net.train()
+        with self._autocast():
+            loss, _ = self.objective(self.net, y, op, op_tilde, t.to(self.device), noise)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.ema.update_parameters(self.net)
+        self.step += 1
+        return float(loss.item())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "model": self.net.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+
+    def ema_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA network's weights, as used for sampling and evaluation."""
+        return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}

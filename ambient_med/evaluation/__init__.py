@@ -1,0 +1,1 @@
+"""Metrics and figures: plain array code, no network and no workflow."""

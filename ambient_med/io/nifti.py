@@ -1,0 +1,51 @@
+"""NIfTI volumes → canonical RAS float arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ambient_med.errors import AmbientMedError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_nifti(path: Path, max_voxels: int, volume: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a 3-D (or one volume of a 4-D) NIfTI image reoriented to canonical RAS.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        max_voxels: refuse, before reading any voxel, images larger than this.
+        volume: index along the 4th axis of a 4-D image.
+
+    Returns:
+        ``(volume (X, Y, Z) float32, affine (4, 4))``; scl_slope/scl_inter applied.
+    """
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for a damaged header
+        raise AmbientMedError(f"'{path.name}': not a readable NIfTI file ({exc})") from None
+    shape = image.shape
+    if len(shape) not in (3, 4):
+        raise AmbientMedError(f"'{path.name}': {len(shape)}-D image, expected 3-D or 4-D")
+    if int(np.prod(shape[:3])) > max_voxels:
+        raise AmbientMedError(
+            f"'{path.name}': {'x'.join(map(str, shape[:3]))} voxels exceed "
+            f"ingest.max_voxels={max_voxels}"
+        )
+    if len(shape) == 4:
+        if not 0 <= volume < shape[3]:
+            raise AmbientMedError(f"'{path.name}': has {shape[3]} volumes, asked for {volume}")
+        image = image.slicer[..., volume]
+    image = nib.as_closest_canonical(image)
+    try:
+        data = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
+    except Exception as exc:
+        raise AmbientMedError(f"'{path.name}': voxel data unreadable ({exc})") from None
+    return data, image.affine

@@ -1,0 +1,1 @@
+"""MRI physics: undersampling masks and measurement operators. No network, no files."""

@@ -1,0 +1,1 @@
+"""One module per Snakemake rule: each reads its inputs, calls the libraries, writes outputs."""

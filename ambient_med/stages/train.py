@@ -1,0 +1,228 @@
+"""Rule `train_model`: fit the denoiser on corrupted data (or a baseline), resumably.
+
+Checkpoints live in ``results/{cohort}/train/checkpoints/``, which is not a declared output,
+so Snakemake does not delete them when a job fails: rerunning the same command resumes from
+the last checkpoint, provided the config and the input file are unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ambient_med import __version__
+from ambient_med.config import config_hash
+from ambient_med.diffusion.losses import AmbientObjective
+from ambient_med.diffusion.model import build_ddpm, build_denoiser
+from ambient_med.diffusion.training import (
+    Trainer,
+    TrainingSet,
+    fixed_further_masks,
+    to_image_channels,
+)
+from ambient_med.errors import AmbientMedError
+from ambient_med.io.store import (
+    atomic_path,
+    load_torch,
+    read_measurements,
+    read_slices,
+    save_torch,
+    sha256_file,
+)
+from ambient_med.physics.operators import PixelMask, SingleCoilFourier
+from ambient_med.stages.common import MODEL_FORMAT
+from ambient_med.stages.corrupt import example_keys
+
+log = logging.getLogger(__name__)
+
+LOSS_COLUMNS = ("step", "loss")  # no wall time: same config, same bytes
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AmbientMedError("config key 'train.device': cuda requested but not available")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_training_set(cfg: dict[str, Any], input_path: Path) -> TrainingSet:
+    """The training split as the configured mode sees it (DESIGN.md §3.5)."""
+    cohort = cfg["cohort"]
+    mode, kind = cohort["train_mode"], cohort["corruption"]
+    delta = cfg["train"]["delta"]
+    if mode == "clean":
+        store = read_slices(input_path)
+        rows = store.index.rows("train")
+        return TrainingSet(to_image_channels(store.images[rows], kind), kind, mode, delta=delta)
+    meas = read_measurements(input_path)
+    if meas.attrs.get("kind") != kind:
+        raise AmbientMedError(
+            f"measurement store '{input_path}': holds kind {meas.attrs.get('kind')!r}, "
+            f"config key 'cohorts.{cohort['name']}.corruption' asks for {kind!r}"
+        )
+    rows = meas.index.rows("train")
+    y = torch.from_numpy(meas.measurements[rows])
+    masks = torch.from_numpy(meas.mask[rows].astype(bool))
+    height = y.shape[-2]
+    if mode == "naive":
+        op = PixelMask(masks[:, None]) if kind == "pixel" else SingleCoilFourier(masks, height)
+        return TrainingSet(op.A_adjoint(y), kind, mode, delta=delta)
+    further = None
+    if not cfg["train"]["b_redraw"]:
+        keys = example_keys(meas.index.subjects, meas.index.subject, meas.index.slice_index)
+        keys = [keys[r] for r in rows]
+        further = fixed_further_masks(kind, masks, keys, delta, cohort["seed"])
+    return TrainingSet(y, kind, mode, masks=masks, further_masks=further, delta=delta)
+
+
+def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) -> Trainer:
+    torch.manual_seed(cfg["cohort"]["seed"])  # network initialisation
+    net = build_denoiser(cfg["model"], data.image_channels)
+    ddpm = build_ddpm(cfg["scheduler"])
+    objective = AmbientObjective(ddpm.alphas_cumprod, cfg["train"]["loss_weighting"])
+    train = cfg["train"]
+    return Trainer(
+        net,
+        objective,
+        data,
+        batch_size=train["batch_size"],
+        lr=train["lr"],
+        ema_decay=train["ema_decay"],
+        seed=cfg["cohort"]["seed"],
+        device=device,
+    )
+
+
+def provenance(cfg: dict[str, Any], input_path: Path) -> dict[str, Any]:
+    versions = {"ambient_med": __version__}
+    for package in ("torch", "monai", "numpy", "nibabel", "pydicom", "h5py"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return {
+        "versions": versions,
+        "config_sha256": config_hash(cfg),
+        "inputs": {Path(input_path).name: sha256_file(input_path)},
+    }
+
+
+def _trim_loss_log(path: Path, step: int) -> None:
+    """Drops rows logged after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= step]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=LOSS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run(
+    cfg: dict[str, Any],
+    input_path: Path,
+    model_out: Path,
+    loss_out: Path,
+    checkpoint_dir: Path,
+    stop_after: int | None = None,
+) -> None:
+    """Trains to ``train.steps``; ``stop_after`` ends early (tests of resumption)."""
+    train_cfg = cfg["train"]
+    device = resolve_device(train_cfg["device"])
+    data = load_training_set(cfg, input_path)
+    if len(data) == 0:
+        raise AmbientMedError(f"input '{input_path}': no training slice")
+    trainer = build_trainer(cfg, data, device)
+    prov = provenance(cfg, input_path)
+
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint_dir / "last.pt"
+    loss_log = checkpoint_dir / "loss.csv"
+    if checkpoint.exists():
+        state = load_torch(checkpoint)
+        if (
+            state.get("config_sha256") == prov["config_sha256"]
+            and state.get("inputs") == prov["inputs"]
+        ):
+            trainer.load_state_dict(state)
+            log.info("resuming from step %d (%s)", trainer.step, checkpoint)
+        else:
+            log.info("checkpoint %s is from another config or input: starting over", checkpoint)
+            checkpoint.unlink()
+            loss_log.unlink(missing_ok=True)
+    _trim_loss_log(loss_log, trainer.step)
+    if not loss_log.exists():
+        with open(loss_log, "w", newline="") as handle:
+            csv.writer(handle).writerow(LOSS_COLUMNS)
+
+    total = train_cfg["steps"]
+    log.info(
+        "training %s/%s on %d slices, %s, %d parameters",
+        cfg["cohort"]["train_mode"],
+        data.kind,
+        len(data),
+        device,
+        sum(p.numel() for p in trainer.net.parameters()),
+    )
+    bar = tqdm(
+        total=total,
+        initial=trainer.step,
+        desc="train",
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,
+    )
+    start, first_step = time.perf_counter(), trainer.step
+    with open(loss_log, "a", newline="") as handle:
+        writer = csv.writer(handle)
+        while trainer.step < total:
+            loss = trainer.train_step()
+            writer.writerow((trainer.step, f"{loss:.6g}"))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if trainer.step % train_cfg["checkpoint_every"] == 0 or trainer.step == total:
+                handle.flush()
+                save_torch(checkpoint, trainer.state_dict() | prov_keys(prov))
+            if stop_after is not None and trainer.step >= stop_after:
+                bar.close()
+                return
+    bar.close()
+    log.info("%.3f s per step", (time.perf_counter() - start) / max(1, total - first_step))
+
+    kind = data.kind
+    model = {
+        "format": MODEL_FORMAT,
+        "state_dict": trainer.ema_weights(),
+        "steps": trainer.step,
+        "mode": cfg["cohort"]["train_mode"],
+        "kind": kind,
+        "image_channels": data.image_channels,
+        "image_size": int(data.targets.shape[-1]),
+        "delta": float(train_cfg["delta"]),
+        "model": cfg["model"],
+        "scheduler": cfg["scheduler"],
+        "corrupt": cfg["corrupt"],
+        "cohort": cfg["cohort"]["name"],
+        "seed": cfg["cohort"]["seed"],
+        "provenance": prov,
+    }
+    save_torch(model_out, model)
+    with atomic_path(loss_out) as tmp:
+        tmp.write_bytes(loss_log.read_bytes())
+    final = np.loadtxt(loss_log, delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    log.info("done: %d steps, mean loss of the last 50 steps %.5f", total, final[-50:].mean())
+
+
+def prov_keys(prov: dict[str, Any]) -> dict[str, Any]:
+    return {"config_sha256": prov["config_sha256"], "inputs": prov["inputs"]}
