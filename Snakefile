@@ -6,13 +6,14 @@
 Each rule is a thin call to the `ambient-med` CLI; the logic lives in the package.
 """
 
+from pathlib import Path
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from ambient_med import __version__
 from ambient_med.config import cohort_settings, stage_json, validate_config
 from ambient_med.errors import AmbientMedError
-
 
 min_version("9.0")
 
@@ -65,12 +66,12 @@ def stage_params(stage):
 
 
 rule all:
+    default_target: True
     input:
         expand("results/{cohort}/train/model.pt", cohort=COHORTS),
         expand("results/{cohort}/corrupt/{kind}.h5", cohort=COHORTS, kind=KINDS),
         expand("results/{cohort}/sample/grid.png", cohort=COHORTS),
         expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
-    default_target: True
     localrule: True
 
 
@@ -87,12 +88,12 @@ rule demo_data:
         "results/{cohort}/logs/demo_data.log",
     benchmark:
         "results/{cohort}/benchmarks/demo_data.tsv"
+    conda:
+        ENV
+    threads: 2
     params:
         version=__version__,
         cfg=stage_params("demo_data"),
-    threads: 2
-    conda:
-        ENV
     shell:
         "ambient-med demo-data --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --output {output} 2> {log}"
@@ -108,12 +109,12 @@ rule ingest:
         "results/{cohort}/logs/ingest.log",
     benchmark:
         "results/{cohort}/benchmarks/ingest.tsv"
+    conda:
+        ENV
+    threads: 2
     params:
         version=__version__,
         cfg=stage_params("ingest"),
-    threads: 2
-    conda:
-        ENV
     shell:
         "ambient-med ingest --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --input {input} --slices {output.slices} "
@@ -129,12 +130,12 @@ rule corrupt:
         "results/{cohort}/logs/corrupt_{kind}.log",
     benchmark:
         "results/{cohort}/benchmarks/corrupt_{kind}.tsv"
+    conda:
+        ENV
+    threads: 1
     params:
         version=__version__,
         cfg=stage_params("corrupt"),
-    threads: 1
-    conda:
-        ENV
     shell:
         "ambient-med corrupt --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --kind {wildcards.kind} --slices {input} --output {output} "
@@ -151,15 +152,15 @@ rule train_model:
         "results/{cohort}/logs/train.log",
     benchmark:
         "results/{cohort}/benchmarks/train.tsv"
+    conda:
+        ENV
+    threads: 8
+    resources:
+        gpu=lambda wildcards: int(config["train"]["device"] == "cuda"),
     params:
         version=__version__,
         cfg=stage_params("train"),
         checkpoints=lambda wildcards: f"results/{wildcards.cohort}/train/checkpoints",
-    threads: 8
-    resources:
-        gpu=lambda wildcards: int(config["train"]["device"] == "cuda"),
-    conda:
-        ENV
     shell:
         "ambient-med train --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --input {input} --model {output.model} "
@@ -176,12 +177,12 @@ rule sample:
         "results/{cohort}/logs/sample.log",
     benchmark:
         "results/{cohort}/benchmarks/sample.tsv"
+    conda:
+        ENV
+    threads: 8
     params:
         version=__version__,
         cfg=stage_params("sample"),
-    threads: 8
-    conda:
-        ENV
     shell:
         "ambient-med sample --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input} --nifti {output.nifti} --grid {output.grid} "
@@ -198,12 +199,12 @@ rule evaluate:
         "results/{cohort}/logs/evaluate.log",
     benchmark:
         "results/{cohort}/benchmarks/evaluate.tsv"
+    conda:
+        ENV
+    threads: 8
     params:
         version=__version__,
         cfg=stage_params("evaluate"),
-    threads: 8
-    conda:
-        ENV
     shell:
         "ambient-med evaluate --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input.model} --slices {input.slices} "

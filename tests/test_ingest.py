@@ -1,0 +1,133 @@
+import csv
+import logging
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from conftest import DEMO_SEED, DEMO_SUBJECTS, DEMO_VOXEL_MM, tiny_config
+
+from ambient_med.config import stage_config
+from ambient_med.errors import AmbientMedError
+from ambient_med.io.demo import load_template, pseudo_subject
+from ambient_med.io.dicom import assemble_series, group_series, read_header
+from ambient_med.io.nifti import read_nifti
+from ambient_med.io.store import read_slices
+from ambient_med.stages import ingest
+
+
+@pytest.fixture(scope="module")
+def sources():
+    """The volumes the demo writer started from, recomputed independently of its files."""
+    template, affine = load_template(DEMO_VOXEL_MM)
+    volumes = [template] + [
+        pseudo_subject(template, DEMO_SEED + s, DEMO_VOXEL_MM) for s in range(1, DEMO_SUBJECTS)
+    ]
+    return volumes, affine
+
+
+def test_demo_writes_nifti_and_a_dicom_series(demo_dir):
+    names = sorted(p.name for p in demo_dir.iterdir())
+    assert names == ["series_01", "volume_00.nii.gz", "volume_02.nii.gz"]
+    files = sorted((demo_dir / "series_01").iterdir())
+    ds = pydicom.dcmread(files[0])
+    assert ds.SOPClassUID == pydicom.uid.MRImageStorage
+    assert ds.Modality == "MR" and ds.PatientPosition == "HFS"
+    assert str(ds.PatientName).startswith("DEMOPATIENT")
+    assert len(files) == nib.load(demo_dir / "volume_00.nii.gz").shape[2]
+
+
+def test_nifti_reads_back_in_canonical_ras(demo_dir, sources):
+    volumes, affine = sources
+    data, got_affine = read_nifti(demo_dir / "volume_00.nii.gz", max_voxels=10**9)
+    np.testing.assert_allclose(data, volumes[0], atol=1e-4)
+    np.testing.assert_allclose(got_affine, affine, atol=1e-5)
+    # volume_02 is stored left-right flipped (LAS): reorientation must undo it.
+    assert nib.aff2axcodes(nib.load(demo_dir / "volume_02.nii.gz").affine)[0] == "L"
+    data, got_affine = read_nifti(demo_dir / "volume_02.nii.gz", max_voxels=10**9)
+    np.testing.assert_allclose(data, volumes[2], atol=1e-4)
+    np.testing.assert_allclose(got_affine, affine, atol=1e-5)
+
+
+def test_dicom_series_matches_its_source_geometry_and_intensities(demo_dir, sources):
+    volumes, affine = sources
+    headers = {p: read_header(p) for p in sorted((demo_dir / "series_01").iterdir())}
+    series, skipped = group_series(headers)
+    assert not skipped and len(series) == 1
+    volume = assemble_series(next(iter(series.values())), max_voxels=10**9)
+    assert volume.data.shape == volumes[1].shape
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-3)
+    # int16 storage with RescaleSlope 0.05: at most half a step of quantisation error.
+    np.testing.assert_allclose(volume.data, volumes[1], atol=0.0251)
+
+
+def test_dicom_refuses_duplicate_positions(demo_dir):
+    files = sorted((demo_dir / "series_01").iterdir())[:3]
+    headers = {p: read_header(p) for p in files}
+    headers[files[1]].ImagePositionPatient = headers[files[0]].ImagePositionPatient
+    series, _ = group_series(headers)
+    with pytest.raises(AmbientMedError, match="same position"):
+        assemble_series(next(iter(series.values())), max_voxels=10**9)
+
+
+def test_ingest_stage_writes_store_and_manifest(demo_dir, tmp_path, caplog):
+    cfg = stage_config(tiny_config(), "demo", "ingest")
+    (extra := tmp_path / "inputs").mkdir()
+    shutil.copytree(demo_dir, extra, dirs_exist_ok=True)
+    (extra / "notes.txt").write_text("not an image")
+    slices, manifest = tmp_path / "out" / "slices.h5", tmp_path / "out" / "manifest.csv"
+    with caplog.at_level(logging.INFO):
+        ingest.run(cfg, extra, slices, manifest)
+
+    rows = list(csv.DictReader(manifest.open()))
+    all_files = [p for p in extra.rglob("*") if p.is_file()]
+    assert len(rows) == len(all_files)
+    by_file = {r["file"]: r for r in rows}
+    assert by_file["notes.txt"]["status"] == "skipped"
+    assert by_file["notes.txt"]["reason"] == "neither DICOM nor NIfTI"
+    assert all(r["status"] == "ingested" for f, r in by_file.items() if f != "notes.txt")
+    subjects = {r["subject"] for r in rows if r["subject"]}
+    assert len(subjects) == DEMO_SUBJECTS and all(s.startswith("sub-") for s in subjects)
+    assert sorted(r["split"] for r in rows if r["file"].endswith(".nii.gz")).count("") == 0
+
+    store = read_slices(slices)
+    assert store.images.shape[1:] == (32, 32)
+    assert store.images.dtype == np.float32
+    assert sorted(set(store.index.split)) == ["holdout", "train"]
+    assert store.index.split.count("holdout") == 1
+    # Per-volume normalisation: the 99.5th foreground percentile maps to about 1.
+    assert 0.9 < float(np.percentile(store.images, 99.9)) < 1.3
+    # The manifest's slice counts add up to the store.
+    assert sum(int(r["slices"]) for r in rows) == len(store.images)
+    # Resampled grid affine: 3 mm voxels padded to a 78-voxel square, resized to 32.
+    spacing = np.linalg.norm(store.index.affines[0][:3, :3], axis=0)
+    np.testing.assert_allclose(spacing[:2], 3.0 * 78 / 32, rtol=1e-3)
+
+    # No identifying tag written by the demo reaches an output or the log.
+    identifiers = [b"DEMOPATIENT", b"DEMO-PID", b"AMBIENT DEMO HOSPITAL"]
+    for ds_path in (extra / "series_01").iterdir():
+        identifiers.append(str(pydicom.dcmread(ds_path).PatientBirthDate).encode())
+        break
+    for output in (slices, manifest):
+        blob = output.read_bytes()
+        assert not any(token in blob for token in identifiers)
+    assert not any(token.decode() in caplog.text for token in identifiers)
+
+
+def test_real_cohort_without_site_secret_is_refused(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("AMBIENT_MED_SITE_SECRET", raising=False)
+    monkeypatch.delenv("AMBIENT_MED_SITE_SECRET_FILE", raising=False)
+    cfg = stage_config(tiny_config(demo=False, input=str(demo_dir)), "demo", "ingest")
+    with pytest.raises(AmbientMedError, match="site secret"):
+        ingest.run(cfg, demo_dir, tmp_path / "s.h5", tmp_path / "m.csv")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_missing_or_empty_input_folder_is_one_clear_error(tmp_path):
+    cfg = stage_config(tiny_config(), "demo", "ingest")
+    with pytest.raises(AmbientMedError, match="does not exist"):
+        ingest.run(cfg, tmp_path / "nope", tmp_path / "s.h5", tmp_path / "m.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AmbientMedError, match="contains no files"):
+        ingest.run(cfg, tmp_path / "empty", tmp_path / "s.h5", tmp_path / "m.csv")
