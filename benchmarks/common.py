@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmark scripts: the result file of DESIGN.md §7."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_kind() -> str:
+    """'gpu' when CUDA is in use, else 'cpu': results of the two never share a file."""
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(name: str, started: float, rows: list[dict[str, Any]]) -> Path:
+    """Writes ``benchmarks/results/NAME.json`` (CPU) or ``NAME.gpu.json`` (GPU) atomically."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = ".gpu.json" if machine_kind() == "gpu" else ".json"
+    path = RESULTS / f"{name}{suffix}"
+    payload = {
+        "commit": commit(),
+        "machine": machine_description(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "rows": rows,
+    }
+    tmp = path.with_suffix(".part")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
