@@ -30,13 +30,26 @@ except AmbientMedError as exc:
 validate(config, "config/schema.yaml", set_default=True)
 
 COHORTS = sorted(config["cohorts"])
-KINDS = ["pixel", "kspace"]
 ENV = "envs/ambient-med.yaml"
+
+
+def corrupt_kinds(cohort):
+    """Image cohorts get both retrospective corruptions; raw k-space is taken as acquired."""
+    if config["cohorts"][cohort]["source"] == "kspace":
+        return ["native"]
+    return ["pixel", "kspace"]
+
+
+CORRUPTED = [
+    f"results/{cohort}/corrupt/{kind}.h5"
+    for cohort in COHORTS
+    for kind in corrupt_kinds(cohort)
+]
 
 
 wildcard_constraints:
     cohort="[A-Za-z0-9][A-Za-z0-9_-]*",
-    kind="pixel|kspace",
+    kind="pixel|kspace|native",
 
 
 def cohort_input(wildcards):
@@ -53,12 +66,22 @@ def cohort_input(wildcards):
     return settings["input"]
 
 
+def measurements(wildcards):
+    """The measurement store the cohort's model is trained on."""
+    settings = config["cohorts"][wildcards.cohort]
+    return f"results/{wildcards.cohort}/corrupt/{settings['corruption']}.h5"
+
+
 def train_input(wildcards):
     """Corrupted measurements; only train_mode 'clean' reads the clean slice store."""
-    settings = config["cohorts"][wildcards.cohort]
-    if settings["train_mode"] == "clean":
+    if config["cohorts"][wildcards.cohort]["train_mode"] == "clean":
         return f"results/{wildcards.cohort}/ingest/slices.h5"
-    return f"results/{wildcards.cohort}/corrupt/{settings['corruption']}.h5"
+    return measurements(wildcards)
+
+
+def corrupt_input(wildcards):
+    store = "raw" if wildcards.kind == "native" else "slices"
+    return f"results/{wildcards.cohort}/ingest/{store}.h5"
 
 
 def stage_params(stage):
@@ -69,7 +92,7 @@ rule all:
     default_target: True
     input:
         expand("results/{cohort}/train/model.pt", cohort=COHORTS),
-        expand("results/{cohort}/corrupt/{kind}.h5", cohort=COHORTS, kind=KINDS),
+        CORRUPTED,
         expand("results/{cohort}/sample/grid.png", cohort=COHORTS),
         expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
     localrule: True
@@ -104,6 +127,7 @@ rule ingest:
         cohort_input,
     output:
         slices="results/{cohort}/ingest/slices.h5",
+        raw="results/{cohort}/ingest/raw.h5",
         manifest="results/{cohort}/ingest/manifest.csv",
     log:
         "results/{cohort}/logs/ingest.log",
@@ -118,12 +142,12 @@ rule ingest:
     shell:
         "ambient-med ingest --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --input {input} --slices {output.slices} "
-        "--manifest {output.manifest} 2> {log}"
+        "--raw {output.raw} --manifest {output.manifest} 2> {log}"
 
 
 rule corrupt:
     input:
-        "results/{cohort}/ingest/slices.h5",
+        corrupt_input,
     output:
         "results/{cohort}/corrupt/{kind}.h5",
     log:
@@ -136,9 +160,10 @@ rule corrupt:
     params:
         version=__version__,
         cfg=stage_params("corrupt"),
+        source=lambda wildcards: "--raw" if wildcards.kind == "native" else "--slices",
     shell:
         "ambient-med corrupt --cohort {wildcards.cohort} --config-json {params.cfg:q} "
-        "--threads {threads} --kind {wildcards.kind} --slices {input} --output {output} "
+        "--threads {threads} --kind {wildcards.kind} {params.source} {input} --output {output} "
         "2> {log}"
 
 
@@ -169,7 +194,8 @@ rule train_model:
 
 rule sample:
     input:
-        "results/{cohort}/train/model.pt",
+        model="results/{cohort}/train/model.pt",
+        measurements=measurements,
     output:
         nifti="results/{cohort}/sample/samples.nii.gz",
         grid="results/{cohort}/sample/grid.png",
@@ -185,14 +211,15 @@ rule sample:
         cfg=stage_params("sample"),
     shell:
         "ambient-med sample --cohort {wildcards.cohort} --config-json {params.cfg:q} "
-        "--threads {threads} --model {input} --nifti {output.nifti} --grid {output.grid} "
-        "2> {log}"
+        "--threads {threads} --model {input.model} --measurements {input.measurements} "
+        "--nifti {output.nifti} --grid {output.grid} 2> {log}"
 
 
 rule evaluate:
     input:
         model="results/{cohort}/train/model.pt",
         slices="results/{cohort}/ingest/slices.h5",
+        measurements=measurements,
     output:
         "results/{cohort}/eval/metrics.json",
     log:
@@ -208,4 +235,4 @@ rule evaluate:
     shell:
         "ambient-med evaluate --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input.model} --slices {input.slices} "
-        "--metrics {output} 2> {log}"
+        "--measurements {input.measurements} --metrics {output} 2> {log}"

@@ -75,9 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True, help="folder of DICOM/NIfTI files")
     p.add_argument("--slices", type=Path, required=True, help="slice store to write (.h5)")
     p.add_argument("--manifest", type=Path, required=True, help="manifest to write (.csv)")
+    p.add_argument("--raw", type=Path, default=None, help="raw k-space store to write (.h5)")
     p = parsers["corrupt"]
-    p.add_argument("--kind", choices=["pixel", "kspace"], required=True)
-    p.add_argument("--slices", type=Path, required=True, help="slice store from ingest")
+    p.add_argument("--kind", choices=["pixel", "kspace", "native"], required=True)
+    p.add_argument("--slices", type=Path, default=None, help="slice store from ingest")
+    p.add_argument("--raw", type=Path, default=None, help="raw k-space store (kind native)")
     p.add_argument("--output", type=Path, required=True, help="measurement store to write")
     p = parsers["train"]
     p.add_argument(
@@ -98,10 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--nifti", type=Path, required=True, help="samples as a NIfTI volume")
     p.add_argument("--grid", type=Path, required=True, help="samples as a PNG grid")
+    p.add_argument(
+        "--measurements", type=Path, default=None, help="measurement store (native: coil maps)"
+    )
     p = parsers["evaluate"]
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--slices", type=Path, required=True, help="slice store (hold-out split used)")
     p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    p.add_argument(
+        "--measurements",
+        type=Path,
+        default=None,
+        help="measurement store: adds the hold-out error on measured entries",
+    )
     return parser
 
 
@@ -127,11 +138,13 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif stage == "ingest":
         from ambient_med.stages import ingest
 
-        ingest.run(_stage_cfg(args, "ingest"), args.input, args.slices, args.manifest)
+        cfg = _stage_cfg(args, "ingest")
+        ingest.run(cfg, args.input, args.slices, args.manifest, args.raw)
     elif stage == "corrupt":
         from ambient_med.stages import corrupt
 
-        corrupt.run(_stage_cfg(args, "corrupt"), args.kind, args.slices, args.output)
+        cfg = _stage_cfg(args, "corrupt")
+        corrupt.run(cfg, args.kind, args.slices, args.output, args.raw)
     elif stage == "train":
         from ambient_med.stages import train
 
@@ -140,11 +153,13 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif stage == "sample":
         from ambient_med.stages import sample
 
-        sample.run(_stage_cfg(args, "sample"), args.model, args.nifti, args.grid)
+        cfg = _stage_cfg(args, "sample")
+        sample.run(cfg, args.model, args.nifti, args.grid, args.measurements)
     elif stage == "evaluate":
         from ambient_med.stages import evaluate
 
-        evaluate.run(_stage_cfg(args, "evaluate"), args.model, args.slices, args.metrics)
+        cfg = _stage_cfg(args, "evaluate")
+        evaluate.run(cfg, args.model, args.slices, args.metrics, args.measurements)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -71,6 +71,18 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if errors:
         first = errors[0]
         raise AmbientMedError(f"config key '{_key(first.absolute_path)}': {first.message}")
+    for name, cohort in filled["cohorts"].items():
+        raw = cohort["source"] == "kspace"
+        if raw != (cohort["corruption"] == "native"):
+            raise AmbientMedError(
+                f"config key 'cohorts.{name}.corruption': {cohort['corruption']!r} does not fit "
+                f"source {cohort['source']!r} (raw k-space trains on 'native', images on "
+                "'pixel' or 'kspace')"
+            )
+        if raw and cohort["demo"]:
+            raise AmbientMedError(
+                f"config key 'cohorts.{name}.source': a demo cohort is made of images"
+            )
     return filled
 
 

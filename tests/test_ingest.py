@@ -85,7 +85,7 @@ def test_ingest_stage_writes_store_and_manifest(demo_dir, tmp_path, caplog):
     assert len(rows) == len(all_files)
     by_file = {r["file"]: r for r in rows}
     assert by_file["notes.txt"]["status"] == "skipped"
-    assert by_file["notes.txt"]["reason"] == "neither DICOM nor NIfTI"
+    assert by_file["notes.txt"]["reason"] == "neither DICOM, NIfTI nor raw k-space"
     assert all(r["status"] == "ingested" for f, r in by_file.items() if f != "notes.txt")
     subjects = {r["subject"] for r in rows if r["subject"]}
     assert len(subjects) == DEMO_SUBJECTS and all(s.startswith("sub-") for s in subjects)
@@ -98,8 +98,10 @@ def test_ingest_stage_writes_store_and_manifest(demo_dir, tmp_path, caplog):
     assert store.index.split.count("holdout") == 1
     # Per-volume normalisation: the 99.5th foreground percentile maps to about 1.
     assert 0.9 < float(np.percentile(store.images, 99.9)) < 1.3
-    # The manifest's slice counts add up to the store.
-    assert sum(int(r["slices"]) for r in rows) == len(store.images)
+    # The manifest's per-volume slice counts add up to the store.
+    per_volume = {r["volume"]: int(r["slices"]) for r in rows if r["volume"]}
+    assert len(per_volume) == DEMO_SUBJECTS
+    assert sum(per_volume.values()) == len(store.images)
     # Resampled grid affine: 3 mm voxels padded to a 78-voxel square, resized to 32.
     spacing = np.linalg.norm(store.index.affines[0][:3, :3], axis=0)
     np.testing.assert_allclose(spacing[:2], 3.0 * 78 / 32, rtol=1e-3)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ambient_med.diffusion.training import inference_operator
+from ambient_med.diffusion.losses import AmbientObjective
+from ambient_med.diffusion.training import TrainingSet, inference_operator
 from ambient_med.physics.masks import derive_seed
 
 
@@ -55,4 +56,40 @@ def x0_prediction_error(
             x0_hat = net(op.A_adjoint(op.A(x_t)), op.mask_image(), t_batch).float()
             total += float((x0_hat - clean).square().sum())
         errors[int(t)] = total / x0.numel()
+    return errors
+
+
+@torch.no_grad()
+def heldout_observed_error(
+    net: nn.Module,
+    objective: AmbientObjective,
+    data: TrainingSet,
+    timesteps: Sequence[int],
+    seed: int,
+    batch_size: int = 32,
+) -> dict[int, float]:
+    """The training objective on held-out examples, per noise level t.
+
+    Needs no clean image: for ambient and naive models it is the error on entries the
+    acquisition measured, so it is defined even for cohorts that were never fully sampled.
+
+    Returns:
+        ``{t: mean loss}`` (per measured real entry, averaged over examples).
+    """
+    errors: dict[int, float] = {}
+    n = len(data)
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "heldout", t))
+        total = 0.0
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            op, op_tilde = data.operators(idx, generator, "cpu")
+            y = data.targets[idx]
+            noise = torch.randn(
+                (len(idx), data.image_channels, *data.image_shape), generator=generator
+            )
+            t_batch = torch.full((len(idx),), int(t), dtype=torch.long)
+            loss, _ = objective(net, y, op, op_tilde, t_batch, noise)
+            total += float(loss) * len(idx)
+        errors[int(t)] = total / max(n, 1)
     return errors

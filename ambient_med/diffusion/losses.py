@@ -39,8 +39,8 @@ class AmbientObjective:
         self.weighting = weighting
         self.snr_gamma = snr_gamma
 
-    def _coefficients(self, t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
-        abar = self.alphas_cumprod.to(device)[t].view(-1, 1, 1, 1)
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        abar = self.alphas_cumprod.to(like.device)[t].view(-1, *([1] * (like.ndim - 1)))
         return abar.sqrt(), (1.0 - abar).sqrt()
 
     def noisy_input(
@@ -51,7 +51,8 @@ class AmbientObjective:
         ``y`` holds measurements of A (zeros elsewhere); Ã^H masks it down to B y.
         With Ã = I this is the usual x_t.
         """
-        signal, sigma = self._coefficients(t, y.device)
+        # y and Ã ε are both measurements: one broadcast shape serves both.
+        signal, sigma = self._coefficients(t, y)
         return op_tilde.A_adjoint(signal * y + sigma * op_tilde.A(noise))
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,8 @@ class AmbientObjective:
         x0_hat = net(z, op_tilde.mask_image(), t).float()
         residual = op.A(x0_hat) - y
         observed = op.observed(residual)
-        per_example = (residual.square() * observed).sum(dim=(1, 2, 3)) / observed.sum(
-            dim=(1, 2, 3)
+        per_example = (residual.square() * observed).flatten(1).sum(1) / observed.flatten(1).sum(
+            1
         ).clamp(min=1.0)
         weights = self.weights(t)
         return (weights * per_example).sum() / weights.sum(), x0_hat

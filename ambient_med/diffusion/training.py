@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,13 @@ from ambient_med.physics.masks import (
     further_pixel_mask,
     pixel_mask,
 )
-from ambient_med.physics.operators import Identity, MaskedOperator, PixelMask, SingleCoilFourier
+from ambient_med.physics.operators import (
+    Identity,
+    MaskedOperator,
+    MultiCoilSense,
+    PixelMask,
+    SingleCoilFourier,
+)
 
 MODES = ("ambient", "naive", "clean")
 
@@ -29,13 +35,23 @@ MODES = ("ambient", "naive", "clean")
 def to_image_channels(images: np.ndarray, kind: str) -> torch.Tensor:
     """Real slices ``(N, H, W)`` → ``(N, C, H, W)``: 1 channel (pixel) or real + zero imaginary."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
-    return torch.cat([x, torch.zeros_like(x)], dim=1) if kind == "kspace" else x
+    return x if kind == "pixel" else torch.cat([x, torch.zeros_like(x)], dim=1)
 
 
-def measurement_operator(kind: str, mask: torch.Tensor, height: int) -> MaskedOperator:
-    """A of a batch from stored masks: ``(B, H, W)`` pixel or ``(B, W)`` line masks."""
+def image_channels(kind: str) -> int:
+    """Real images for pixel masking, complex (2 channels) for every k-space kind."""
+    return 1 if kind == "pixel" else 2
+
+
+def measurement_operator(
+    kind: str, mask: torch.Tensor, height: int, maps: torch.Tensor | None = None
+) -> MaskedOperator:
+    """A of a batch from stored masks: ``(B, H, W)`` pixel or ``(B, W)`` line masks; with
+    ``maps`` ``(B, coils, H, W)`` (kind ``native``), the multi-coil SENSE operator."""
     if kind == "pixel":
         return PixelMask(mask.bool()[:, None])
+    if maps is not None:
+        return MultiCoilSense(mask.bool(), maps)
     return SingleCoilFourier(mask.bool(), height)
 
 
@@ -44,12 +60,14 @@ class TrainingSet:
     """Training examples of one mode (DESIGN.md §3.1–3.5).
 
     Attributes:
-        targets: ``(N, C, H, W)`` — what the loss compares A x̂0 with: measurements y
-            (ambient), the zero-filled A^H y (naive) or clean x0 (clean).
-        kind: ``"pixel"`` or ``"kspace"``.
+        targets: what the loss compares A x̂0 with: measurements y (ambient), the zero-filled
+            A^H y (naive) or clean x0 (clean); ``(N, C, H, W)``, or ``(N, coils, H, W, 2)``
+            for native multi-coil measurements.
+        kind: ``"pixel"``, ``"kspace"`` or ``"native"``.
         mode: ``"ambient"``, ``"naive"`` or ``"clean"``.
         masks: A's masks (ambient only): ``(N, H, W)`` pixel or ``(N, W)`` line masks.
         further_masks: Ã = B A's masks when B is fixed per example (ambient only).
+        maps: coil sensitivity maps ``(N, coils, H, W)`` complex (native ambient only).
         delta: pixel-mode probability that B hides an observed pixel.
     """
 
@@ -58,31 +76,54 @@ class TrainingSet:
     mode: str
     masks: torch.Tensor | None = None
     further_masks: torch.Tensor | None = None
+    maps: torch.Tensor | None = None
     delta: float = 0.1
 
     @property
     def image_channels(self) -> int:
-        return int(self.targets.shape[1])
+        return image_channels(self.kind)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) of the images the network works on."""
+        if self.maps is not None:
+            return int(self.maps.shape[-2]), int(self.maps.shape[-1])
+        return int(self.targets.shape[-2]), int(self.targets.shape[-1])
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
+
+    def subset(self, idx: torch.Tensor | np.ndarray) -> TrainingSet:
+        """The examples ``idx`` (targets, masks and maps alike)."""
+
+        def pick(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value[idx]
+
+        return replace(
+            self,
+            targets=self.targets[idx],
+            masks=pick(self.masks),
+            further_masks=pick(self.further_masks),
+            maps=pick(self.maps),
+        )
 
     def operators(
         self, idx: torch.Tensor, generator: torch.Generator, device: torch.device | str
     ) -> tuple[MaskedOperator, MaskedOperator]:
         """(A, Ã) for the examples ``idx``; B is redrawn from ``generator`` unless fixed."""
-        b, _, h, w = self.targets[idx].shape
+        b, (h, w) = len(idx), self.image_shape
         if self.mode != "ambient":
             identity = Identity(b, h, w, device)
             return identity, identity
         assert self.masks is not None
         mask = self.masks[idx].to(device)
-        op = measurement_operator(self.kind, mask, h)
+        maps = self.maps[idx].to(device) if self.maps is not None else None
+        op = measurement_operator(self.kind, mask, h, maps)
         if self.further_masks is not None:
             tilde = self.further_masks[idx].to(device)
         else:
             tilde = _draw_further(self.kind, mask, self.delta, generator)
-        return op, measurement_operator(self.kind, tilde, h)
+        return op, measurement_operator(self.kind, tilde, h, maps)
 
 
 def _draw_further(
@@ -105,17 +146,28 @@ def fixed_further_masks(
 
 
 def inference_operator(
-    meta: Mapping[str, Any], batch: int, height: int, width: int, seed: int
+    meta: Mapping[str, Any],
+    batch: int,
+    height: int,
+    width: int,
+    seed: int,
+    maps: torch.Tensor | None = None,
 ) -> MaskedOperator:
     """Ã_inf of the training kind (DESIGN.md §4); the identity for `clean` and `naive`.
 
-    ``meta`` holds ``mode``, ``kind``, ``delta`` and the ``corrupt`` config section used at
-    training time. Seeded: the same seed gives the same operator.
+    ``meta`` holds ``mode``, ``kind``, ``delta``, the ``corrupt`` config section used at
+    training time and, for native data, ``native_line_mask`` (an acquired mask of the
+    training data, redrawn here through B). Native models use ``maps`` ``(batch, coils, H, W)``
+    when given, else a single-coil Fourier operator. Seeded: same seed, same operator.
     """
     if meta["mode"] != "ambient":
         return Identity(batch, height, width)
     generator = torch.Generator().manual_seed(seed)
     corrupt = meta["corrupt"]
+    if meta["kind"] == "native":
+        native = torch.tensor(meta["native_line_mask"], dtype=torch.bool)
+        tilde = _draw_further("native", native.expand(batch, -1), 0.0, generator)
+        return measurement_operator("native", tilde, height, maps)
     if meta["kind"] == "pixel":
         keep = [
             pixel_mask((height, width), corrupt["pixel"]["p"], derive_seed(seed, i))
@@ -175,7 +227,8 @@ class Trainer:
         op, op_tilde = self.data.operators(idx, self.generator, self.device)
         y = self.data.targets[idx].to(self.device)
         t = torch.randint(self.num_timesteps, (self.batch_size,), generator=self.generator)
-        noise = torch.randn(y.shape, generator=self.generator).to(self.device)
+        shape = (self.batch_size, self.data.image_channels, *self.data.image_shape)
+        noise = torch.randn(shape, generator=self.generator).to(self.device)
         self.net.train()
         with self._autocast():
             loss, _ = self.objective(self.net, y, op, op_tilde, t.to(self.device), noise)

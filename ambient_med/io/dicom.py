@@ -1,12 +1,17 @@
-"""DICOM series → canonical RAS volumes (pydicom).
+"""DICOM series → canonical RAS volumes (pydicom, with pylibjpeg/pyjpegls pixel handlers).
 
-Files are grouped by SeriesInstanceUID, slices are ordered by their position along the slice
-normal (never by InstanceNumber or file name), and RescaleSlope/Intercept are applied.
-Identifying attributes are read only to derive a pseudonym and are never returned in messages.
+Handles what scanners and PACS export: single-frame files and Enhanced (multi-frame) MR, any
+transfer syntax pydicom's handlers decode (JPEG baseline/lossless, JPEG 2000, JPEG-LS, RLE,
+implicit VR, big endian), MONOCHROME1, signed and unsigned pixels, per-frame rescale.
+Files are grouped by SeriesInstanceUID and frames ordered by their position along the slice
+normal — never by InstanceNumber or file name. Localizers, projections, non-MR and non-image
+objects are skipped with a stated reason. Identifying attributes are read only to derive a
+pseudonym and never appear in a message.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +25,37 @@ from ambient_med.errors import AmbientMedError
 
 # DICOM patient coordinates are LPS; NIfTI/nibabel world coordinates are RAS.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+LOCALIZER_WORDS = re.compile(
+    r"locali[sz]er|scout|survey|pilot|3[- ]?plane|tri[- ]?plane|aahscout|plan_", re.I
+)
 
 
 @dataclass
-class SeriesFiles:
-    """The files of one series with the header fields needed to assemble it."""
+class Frame:
+    """One 2-D image of a series: a single-frame file or one frame of a multi-frame file."""
 
-    files: list[Path] = field(default_factory=list)
-    headers: list[pydicom.Dataset] = field(default_factory=list)
+    path: Path
+    frame: int | None
+    position: np.ndarray  # ImagePositionPatient (LPS, mm)
+    orientation: np.ndarray  # ImageOrientationPatient: row cosines, then column cosines
+    spacing: tuple[float, float]  # PixelSpacing: between rows, between columns (mm)
+    rows: int
+    columns: int
+    slope: float
+    intercept: float
+
+
+@dataclass
+class SeriesFrames:
+    frames: list[Frame] = field(default_factory=list)
+    identity_keys: tuple[str, str] = ("", "")
 
 
 @dataclass
 class DicomVolume:
     files: list[Path]
+    frame_files: list[Path]  # the file of each axial plane, in volume order
     data: np.ndarray  # (X, Y, Z) float32, canonical RAS
     affine: np.ndarray  # (4, 4) RAS
     identity_keys: tuple[str, str]  # (PatientID, StudyInstanceUID): for the pseudonym only
@@ -42,103 +65,220 @@ def read_header(path: Path) -> pydicom.Dataset | None:
     """The header without pixel data, or None when the file is not DICOM."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError):
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError):
         return None
+
+
+def is_dicomdir(path: Path, ds: pydicom.Dataset) -> bool:
+    sop = ds.file_meta.get("MediaStorageSOPClassUID", "") if hasattr(ds, "file_meta") else ""
+    return path.name.upper().startswith("DICOMDIR") or str(sop) == MEDIA_STORAGE_DIRECTORY
+
+
+def skip_reason(ds: pydicom.Dataset) -> str | None:
+    """Why a DICOM object is not an MR slice stack a model should learn from, or None."""
+    modality = str(ds.get("Modality", ""))
+    if modality != "MR":
+        return f"modality {modality or 'missing'} is not MR"
+    if "Rows" not in ds or "Columns" not in ds:
+        return "not an image object (no Rows/Columns)"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    description = " ".join(str(ds.get(tag, "")) for tag in ("SeriesDescription", "ProtocolName"))
+    if "LOCALIZER" in image_type or LOCALIZER_WORDS.search(description):
+        return "localizer/scout, not a diagnostic slice stack"
+    if any("PROJECTION" in v for v in image_type):
+        return "projection image (MIP), not a slice"
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        return "colour image, not MR magnitude"
+    return None
+
+
+def _functional(ds: pydicom.Dataset, frame: int, sequence: str) -> pydicom.Dataset | None:
+    """An item of a functional group macro: per-frame first, then shared."""
+    for groups, index in (
+        ("PerFrameFunctionalGroupsSequence", frame),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        items = ds.get(groups)
+        if items and len(items) > index and sequence in items[index]:
+            return items[index][sequence][0]
+    return None
+
+
+def frames_of(path: Path, ds: pydicom.Dataset) -> list[Frame]:
+    """The frames of a DICOM file with their geometry.
+
+    Raises:
+        AmbientMedError: no usable geometry.
+    """
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    if count > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+        frames = []
+        for i in range(count):
+            position = _functional(ds, i, "PlanePositionSequence")
+            orientation = _functional(ds, i, "PlaneOrientationSequence")
+            measures = _functional(ds, i, "PixelMeasuresSequence")
+            transform = _functional(ds, i, "PixelValueTransformationSequence")
+            if position is None or orientation is None:
+                raise AmbientMedError("multi-frame file without per-frame plane position")
+            frames.append(
+                Frame(
+                    path,
+                    i,
+                    np.asarray(position.ImagePositionPatient, dtype=np.float64),
+                    np.asarray(orientation.ImageOrientationPatient, dtype=np.float64),
+                    tuple(float(v) for v in (measures or ds).get("PixelSpacing", [1.0, 1.0])),
+                    rows,
+                    columns,
+                    float((transform or ds).get("RescaleSlope", 1.0) or 1.0),
+                    float((transform or ds).get("RescaleIntercept", 0.0) or 0.0),
+                )
+            )
+        return frames
+    if count > 1:
+        raise AmbientMedError("multi-frame file without functional groups (legacy multi-frame)")
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        raise AmbientMedError("no ImagePositionPatient/ImageOrientationPatient")
+    return [
+        Frame(
+            path,
+            None,
+            np.asarray(ds.ImagePositionPatient, dtype=np.float64),
+            np.asarray(ds.ImageOrientationPatient, dtype=np.float64),
+            tuple(float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])),
+            rows,
+            columns,
+            float(ds.get("RescaleSlope", 1.0) or 1.0),
+            float(ds.get("RescaleIntercept", 0.0) or 0.0),
+        )
+    ]
 
 
 def group_series(
     headers: dict[Path, pydicom.Dataset],
-) -> tuple[dict[str, SeriesFiles], dict[Path, str]]:
-    """Groups DICOM headers by SeriesInstanceUID.
+) -> tuple[dict[str, SeriesFrames], dict[Path, str]]:
+    """Groups the frames of DICOM headers by SeriesInstanceUID.
 
     Returns:
         (series by uid, skipped files with the reason a radiographer would accept).
     """
-    series: dict[str, SeriesFiles] = defaultdict(SeriesFiles)
+    series: dict[str, SeriesFrames] = defaultdict(SeriesFrames)
     skipped: dict[Path, str] = {}
+    seen_instances: dict[str, Path] = {}
     for path, ds in headers.items():
-        modality = str(ds.get("Modality", ""))
-        if modality != "MR":
-            skipped[path] = f"modality {modality or 'missing'} is not MR"
-        elif "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            skipped[path] = "no ImagePositionPatient/ImageOrientationPatient (not a placed image)"
-        elif "SeriesInstanceUID" not in ds:
-            skipped[path] = "no SeriesInstanceUID"
-        else:
-            group = series[str(ds.SeriesInstanceUID)]
-            group.files.append(path)
-            group.headers.append(ds)
+        if is_dicomdir(path, ds):
+            skipped[path] = "DICOMDIR (a directory index, no image)"
+            continue
+        reason = skip_reason(ds)
+        if reason is None and "SeriesInstanceUID" not in ds:
+            reason = "no SeriesInstanceUID"
+        sop = str(ds.get("SOPInstanceUID", ""))
+        if reason is None and sop in seen_instances:
+            reason = (
+                f"duplicate of the same instance (SOPInstanceUID) in '{seen_instances[sop].name}'"
+            )
+        if reason is None:
+            try:
+                frames = frames_of(path, ds)
+            except AmbientMedError as exc:
+                reason = str(exc)
+        if reason is not None:
+            skipped[path] = reason
+            continue
+        seen_instances[sop] = path
+        group = series[str(ds.SeriesInstanceUID)]
+        group.frames.extend(frames)
+        group.identity_keys = (str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", "")))
     return dict(series), skipped
 
 
-def _orientation(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-    return iop[:3], iop[3:]
+def _read_pixels(path: Path) -> np.ndarray:
+    """All frames of a file as float32 ``(frames, rows, cols)``, MONOCHROME1 inverted."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise AmbientMedError(f"'{path.name}': unreadable ({exc.__class__.__name__})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise AmbientMedError(f"'{path.name}': no PixelData")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        # One line, without pydicom's multi-line hints.
+        detail = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
+        raise AmbientMedError(f"'{path.name}': pixel data unreadable ({detail})") from None
+    pixels = pixels.astype(np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        # MONOCHROME1 shows the minimum as white: invert within the stored range so that, as
+        # in MONOCHROME2, higher values mean more signal.
+        bits = int(ds.get("BitsStored", 16))
+        if int(ds.get("PixelRepresentation", 0)) == 1:
+            pixels = -1.0 - pixels
+        else:
+            pixels = float(2**bits - 1) - pixels
+    return pixels
 
 
-def assemble_series(group: SeriesFiles, max_voxels: int) -> DicomVolume:
+def assemble_series(group: SeriesFrames, max_voxels: int) -> DicomVolume:
     """Stacks one series into a canonical RAS volume.
 
     Raises:
-        AmbientMedError: inconsistent orientation, duplicate positions, differing slice sizes,
-            a volume over ``max_voxels`` (checked before any pixel is read), missing pixels.
+        AmbientMedError: inconsistent orientation, duplicate positions, a gap, differing
+            slice sizes, a volume over ``max_voxels`` (checked before any pixel is read),
+            missing or undecodable pixels.
     """
-    first = group.headers[0]
-    row_cos, col_cos = _orientation(first)
-    for ds in group.headers[1:]:
-        r, c = _orientation(ds)
-        if not (np.allclose(r, row_cos, atol=1e-4) and np.allclose(c, col_cos, atol=1e-4)):
-            raise AmbientMedError("series has slices with inconsistent ImageOrientationPatient")
-    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in group.headers}
+    frames = group.frames
+    first = frames[0]
+    for frame in frames[1:]:
+        if not np.allclose(frame.orientation, first.orientation, atol=1e-4):
+            raise AmbientMedError("slices with inconsistent ImageOrientationPatient")
+    sizes = {(f.rows, f.columns) for f in frames}
     if len(sizes) != 1:
-        raise AmbientMedError(f"series mixes slice sizes {sorted(sizes)}")
+        raise AmbientMedError(f"slices of different sizes {sorted(sizes)}")
     rows, cols = sizes.pop()
-    frames = len(group.headers)
-    if rows * cols * frames > max_voxels:
+    if rows * cols * len(frames) > max_voxels:
         raise AmbientMedError(
-            f"series of {frames} slices of {rows}x{cols} exceeds ingest.max_voxels={max_voxels}"
+            f"{len(frames)} slices of {rows}x{cols} exceed ingest.max_voxels={max_voxels}"
         )
+    row_cos, col_cos = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_cos, col_cos)
-    positions = np.array(
-        [np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in group.headers]
-    )
-    along = positions @ normal
+    along = np.array([f.position @ normal for f in frames])
     order = np.argsort(along, kind="stable")
-    if frames > 1 and np.min(np.diff(along[order])) < 1e-3:
-        raise AmbientMedError("series has two slices at the same position")
+    steps = np.diff(along[order])
+    if len(frames) > 1:
+        if np.min(steps) < 1e-3:
+            raise AmbientMedError("two slices at the same position")
+        if np.max(steps) > 1.5 * np.median(steps):
+            raise AmbientMedError("a gap in the slice positions (missing slices)")
 
-    pixel_spacing = np.asarray(first.get("PixelSpacing", [1.0, 1.0]), dtype=np.float64)
+    by_file: dict[Path, np.ndarray] = {}
     planes = []
     for idx in order:
-        path = group.files[idx]
-        try:
-            ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array.astype(np.float32)
-        except AttributeError:
-            raise AmbientMedError(f"'{path.name}': no PixelData") from None
-        except Exception as exc:
-            raise AmbientMedError(
-                f"'{path.name}': pixel data unreadable ({exc.__class__.__name__})"
-            ) from None
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        planes.append(pixels * slope + intercept)
+        frame = frames[idx]
+        if frame.path not in by_file:
+            by_file[frame.path] = _read_pixels(frame.path)
+        pixels = by_file[frame.path][frame.frame or 0]
+        if pixels.shape != (rows, cols):
+            raise AmbientMedError(f"'{frame.path.name}': pixel data is not {rows}x{cols}")
+        planes.append(pixels * frame.slope + frame.intercept)
 
-    # Voxel (i, j, k) = column i, row j of the k-th slice along the normal.
+    # Voxel (i, j, k) = column i, row j of the k-th plane along the normal.
     data = np.stack([plane.T for plane in planes], axis=-1)
     affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cos * pixel_spacing[1]
-    affine_lps[:3, 1] = col_cos * pixel_spacing[0]
-    if frames > 1:
-        affine_lps[:3, 2] = (positions[order[-1]] - positions[order[0]]) / (frames - 1)
+    affine_lps[:3, 0] = row_cos * first.spacing[1]
+    affine_lps[:3, 1] = col_cos * first.spacing[0]
+    ordered = [frames[i] for i in order]
+    if len(frames) > 1:
+        affine_lps[:3, 2] = (ordered[-1].position - ordered[0].position) / (len(frames) - 1)
     else:
-        affine_lps[:3, 2] = normal * float(first.get("SliceThickness", 1.0) or 1.0)
-    affine_lps[:3, 3] = positions[order[0]]
+        affine_lps[:3, 2] = normal
+    affine_lps[:3, 3] = ordered[0].position
     image = nib.as_closest_canonical(nib.Nifti1Image(data, LPS_TO_RAS @ affine_lps))
-    keys = (str(first.get("PatientID", "")), str(first.get("StudyInstanceUID", "")))
     return DicomVolume(
-        files=[group.files[i] for i in order],
+        files=sorted(by_file),
+        frame_files=[f.path for f in ordered],
         data=np.asarray(image.dataobj, dtype=np.float32),
         affine=image.affine,
-        identity_keys=keys,
+        identity_keys=group.identity_keys,
     )

@@ -8,9 +8,17 @@
     split        (V,) str            "train" or "holdout" (whole subjects, never slices)
     affines      (V, 4, 4) float64   RAS affine of each volume's resampled (H, W, k) grid
 
+``raw.h5`` (ingest of raw k-space; the acquisition as it is, scaled):
+    kspace       (N, coils, H, W) complex64   centred, phase encoding along W
+    mask         (N, W) uint8                 acquired phase-encode lines
+    maps         (N, coils, H, W) complex64   ESPIRiT maps from the ACS lines (ones: 1 coil)
+    subject, slice_index, subjects, split, affines   as above
+
 ``{kind}.h5`` (corrupt; measurements only — never a clean image):
-    measurements (N, C, H, W) float32  C = 1 (pixel) or 2 (k-space real, imaginary)
+    measurements (N, C, H, W) float32  pixel: C = 1; kspace: C = 2 (real, imaginary);
+                 (N, coils, H, W) complex64 for native multi-coil data
     mask         (N, H, W) or (N, W)   uint8 sampling mask of A (pixel or phase-encode lines)
+    maps         (N, coils, H, W)      complex64 coil maps (native only)
     subject, slice_index, subjects, split, affines   as above
     attrs: kind, operator and its parameters
 """
@@ -79,6 +87,16 @@ class MeasurementStore:
     mask: np.ndarray
     index: SliceIndex
     attrs: dict[str, Any] = field(default_factory=dict)
+    maps: np.ndarray | None = None
+
+
+@dataclass
+class RawStore:
+    kspace: np.ndarray
+    mask: np.ndarray
+    maps: np.ndarray
+    index: SliceIndex
+    attrs: dict[str, Any] = field(default_factory=dict)
 
 
 def _write_index(h5: h5py.File, index: SliceIndex) -> None:
@@ -129,8 +147,13 @@ def read_slices(path: str | Path) -> SliceStore:
 
 def write_measurements(path: str | Path, store: MeasurementStore) -> None:
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("measurements", data=store.measurements.astype(np.float32), chunks=True)
+        measurements = store.measurements
+        if not np.iscomplexobj(measurements):
+            measurements = measurements.astype(np.float32)
+        h5.create_dataset("measurements", data=measurements, chunks=True)
         h5.create_dataset("mask", data=store.mask.astype(np.uint8))
+        if store.maps is not None:
+            h5.create_dataset("maps", data=store.maps.astype(np.complex64), chunks=True)
         _write_index(h5, store.index)
         _write_attrs(h5, store.attrs)
 
@@ -139,8 +162,27 @@ def read_measurements(path: str | Path) -> MeasurementStore:
     with _open(path, "measurement store") as h5:
         if "measurements" not in h5 or "mask" not in h5:
             raise AmbientMedError(f"measurement store '{path}': lacks 'measurements' or 'mask'")
+        maps = h5["maps"][()] if "maps" in h5 else None
         return MeasurementStore(
-            h5["measurements"][()], h5["mask"][()], _read_index(h5), dict(h5.attrs)
+            h5["measurements"][()], h5["mask"][()], _read_index(h5), dict(h5.attrs), maps
+        )
+
+
+def write_raw(path: str | Path, store: RawStore) -> None:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        h5.create_dataset("kspace", data=store.kspace.astype(np.complex64), chunks=True)
+        h5.create_dataset("mask", data=store.mask.astype(np.uint8))
+        h5.create_dataset("maps", data=store.maps.astype(np.complex64), chunks=True)
+        _write_index(h5, store.index)
+        _write_attrs(h5, store.attrs)
+
+
+def read_raw_store(path: str | Path) -> RawStore:
+    with _open(path, "raw k-space store") as h5:
+        if "kspace" not in h5:
+            raise AmbientMedError(f"raw k-space store '{path}': has no 'kspace' dataset")
+        return RawStore(
+            h5["kspace"][()], h5["mask"][()], h5["maps"][()], _read_index(h5), dict(h5.attrs)
         )
 
 

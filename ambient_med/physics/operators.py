@@ -114,3 +114,49 @@ class SingleCoilFourier(MaskedOperator):
 
     def restrict(self, keep: torch.Tensor) -> SingleCoilFourier:
         return SingleCoilFourier(self.line_mask * keep.float(), self.height)
+
+
+def to_complex(image: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, H, W)`` real/imaginary channels → ``(B, H, W)`` complex."""
+    return torch.complex(image[:, 0].float(), image[:, 1].float())
+
+
+def to_channels(image: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` complex → ``(B, 2, H, W)`` real/imaginary channels."""
+    return torch.stack([image.real, image.imag], dim=1)
+
+
+class MultiCoilSense(MaskedOperator):
+    """A = M F S: coil sensitivities, centred orthonormal 2-D FFT per coil, line mask.
+
+    Measurements are ``(B, coils, H, W, 2)`` (real/imaginary last, MONAI's FFT layout).
+    Not orthonormal: ``A A^H = I`` on measured entries holds only when ``Σ_c |S_c|² = 1`` and
+    the maps are smooth, so data consistency with this operator is solved, not projected.
+
+    Args:
+        line_mask: ``(B, W)`` boolean acquired phase-encode columns.
+        maps: ``(B, coils, H, W)`` complex sensitivity maps.
+    """
+
+    def __init__(self, line_mask: torch.Tensor, maps: torch.Tensor) -> None:
+        self.line_mask = line_mask.float()
+        self.maps = maps
+
+    def transform(self, image: torch.Tensor) -> torch.Tensor:
+        coil_images = self.maps * to_complex(image)[:, None]
+        return fftn_centered_t(torch.view_as_real(coil_images), spatial_dims=2)
+
+    def inverse_transform(self, data: torch.Tensor) -> torch.Tensor:
+        coil_images = torch.view_as_complex(ifftn_centered_t(data, spatial_dims=2).contiguous())
+        return to_channels((self.maps.conj() * coil_images).sum(dim=1))
+
+    @property
+    def measurement_mask(self) -> torch.Tensor:
+        return self.line_mask[:, None, None, :, None]
+
+    def mask_image(self) -> torch.Tensor:
+        height = self.maps.shape[-2]
+        return self.line_mask[:, None, None, :].expand(-1, 1, height, -1)
+
+    def restrict(self, keep: torch.Tensor) -> MultiCoilSense:
+        return MultiCoilSense(self.line_mask * keep.float(), self.maps)

@@ -1,13 +1,18 @@
-"""What several stages share: loading a trained model."""
+"""What several stages share: loading a trained model and the examples a mode sees."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from ambient_med.diffusion.model import AmbientDenoiser, build_denoiser
+from ambient_med.diffusion.training import TrainingSet, fixed_further_masks, to_image_channels
 from ambient_med.errors import AmbientMedError
-from ambient_med.io.store import load_torch
+from ambient_med.io.store import load_torch, read_measurements, read_slices
+from ambient_med.physics.operators import MultiCoilSense, PixelMask, SingleCoilFourier
 
 MODEL_FORMAT = "ambient-med/model/1"
 
@@ -24,3 +29,55 @@ def load_model(path: str | Path) -> tuple[AmbientDenoiser, dict[str, Any]]:
     net.eval()
     meta = {k: v for k, v in state.items() if k != "state_dict"}
     return net, meta
+
+
+def example_keys(subjects: list[str], subject: np.ndarray, slice_index: np.ndarray) -> list[str]:
+    """A stable name per stored slice: its pseudonymous subject and axial index."""
+    return [
+        f"{subjects[v]}:{k}" for v, k in zip(subject.tolist(), slice_index.tolist(), strict=True)
+    ]
+
+
+def load_examples(
+    path: str | Path,
+    mode: str,
+    kind: str,
+    split: str,
+    delta: float,
+    b_redraw: bool,
+    seed: int,
+    cohort: str = "",
+) -> TrainingSet:
+    """The ``split`` rows of a store as a training mode sees them (DESIGN.md §3.5).
+
+    ``clean`` reads the slice store (clean images); every other mode reads the measurement
+    store of ``kind`` and never a clean image.
+    """
+    if mode == "clean":
+        store = read_slices(path)
+        rows = store.index.rows(split)
+        return TrainingSet(to_image_channels(store.images[rows], kind), kind, mode, delta=delta)
+    meas = read_measurements(path)
+    if meas.attrs.get("kind") != kind:
+        raise AmbientMedError(
+            f"measurement store '{path}': holds kind {meas.attrs.get('kind')!r}, config key "
+            f"'cohorts.{cohort}.corruption' asks for {kind!r}"
+        )
+    rows = meas.index.rows(split)
+    masks = torch.from_numpy(meas.mask[rows].astype(bool))
+    maps = None
+    if kind == "native":
+        y = torch.view_as_real(torch.from_numpy(meas.measurements[rows])).float()
+        maps = torch.from_numpy(meas.maps[rows])
+        op = MultiCoilSense(masks, maps)
+    else:
+        y = torch.from_numpy(meas.measurements[rows])
+        height = y.shape[-2]
+        op = PixelMask(masks[:, None]) if kind == "pixel" else SingleCoilFourier(masks, height)
+    if mode == "naive":
+        return TrainingSet(op.A_adjoint(y), kind, mode, delta=delta)
+    further = None
+    if not b_redraw:
+        keys = example_keys(meas.index.subjects, meas.index.subject, meas.index.slice_index)
+        further = fixed_further_masks(kind, masks, [keys[r] for r in rows], delta, seed)
+    return TrainingSet(y, kind, mode, masks=masks, further_masks=further, maps=maps, delta=delta)

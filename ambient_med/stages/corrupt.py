@@ -16,25 +16,69 @@ import torch
 
 from ambient_med.diffusion.training import to_image_channels
 from ambient_med.errors import AmbientMedError
-from ambient_med.io.store import MeasurementStore, read_slices, write_measurements
+from ambient_med.io.store import (
+    MeasurementStore,
+    read_raw_store,
+    read_slices,
+    write_measurements,
+)
 from ambient_med.physics.masks import LineMaskFunc, derive_seed, pixel_mask
 from ambient_med.physics.operators import PixelMask, SingleCoilFourier
+from ambient_med.stages.common import example_keys
 
 log = logging.getLogger(__name__)
-KINDS = ("pixel", "kspace")
+KINDS = ("pixel", "kspace", "native")
 
 
-def example_keys(subjects: list[str], subject: np.ndarray, slice_index: np.ndarray) -> list[str]:
-    """A stable name per stored slice: its pseudonymous subject and axial index."""
-    return [
-        f"{subjects[v]}:{k}" for v, k in zip(subject.tolist(), slice_index.tolist(), strict=True)
-    ]
+def run_native(cfg: dict[str, Any], raw_path: Path, output: Path) -> None:
+    """Kind ``native``: the raw acquisition exactly as it is — A = M F S with the acquired
+    line mask M and the ESPIRiT maps S of ingest. Nothing is added or removed."""
+    raw = read_raw_store(raw_path)
+    if len(raw.kspace) == 0:
+        raise AmbientMedError(
+            f"raw k-space store '{raw_path}': empty; config key "
+            f"'cohorts.{cfg['cohort']['name']}.source' must be 'kspace' for corruption 'native'"
+        )
+    measurements = raw.kspace * raw.mask[:, None, None, :].astype(np.complex64)
+    observed = float(raw.mask.mean())
+    attrs = {
+        "kind": "native",
+        "operator": "multi_coil_sense",
+        "fft": "centred orthonormal 2-D",
+        "coils": int(raw.kspace.shape[1]),
+        "cohort": cfg["cohort"]["name"],
+        "seed": cfg["cohort"]["seed"],
+        "image_size": int(raw.kspace.shape[-1]),
+        "observed_fraction": observed,
+        "phase_encode_axis": "last",
+    }
+    store = MeasurementStore(measurements, raw.mask, raw.index, attrs, maps=raw.maps)
+    write_measurements(output, store)
+    log.info(
+        "native: %d slices, %d coils, acquired fraction %.3f (acceleration %.2f)",
+        len(raw.kspace),
+        raw.kspace.shape[1],
+        observed,
+        1.0 / max(observed, 1e-9),
+    )
 
 
-def run(cfg: dict[str, Any], kind: str, slices_path: Path, output: Path) -> None:
+def run(
+    cfg: dict[str, Any], kind: str, slices_path: Path, output: Path, raw_path: Path | None = None
+) -> None:
     if kind not in KINDS:
         raise AmbientMedError(f"corruption kind '{kind}': expected one of {KINDS}")
+    if kind == "native":
+        if raw_path is None:
+            raise AmbientMedError("corruption kind 'native' needs the raw k-space store (--raw)")
+        run_native(cfg, raw_path, output)
+        return
     store = read_slices(slices_path)
+    if len(store.images) == 0:
+        raise AmbientMedError(
+            f"slice store '{slices_path}': no image slices to corrupt (undersampled raw data "
+            "can only be trained on with corruption 'native')"
+        )
     seed = cfg["cohort"]["seed"]
     n, height, width = store.images.shape
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)

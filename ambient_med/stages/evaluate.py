@@ -2,10 +2,14 @@
 
 Keys:
     cohort, mode, kind, steps: what was evaluated.
-    holdout_slices: clean hold-out slices used (evenly spaced, at most evaluate.max_slices).
+    holdout_slices: clean hold-out slices used (evenly spaced, at most evaluate.max_slices);
+        0 when the cohort has no clean image (undersampled raw k-space).
     x0_mse_t{t}: mean squared error of the x0-prediction per image entry at noise level t
         (DESIGN.md §3.6; the ambient model sees Ã_inf x_t, the baselines all of x_t).
     x0_nrmse_t{t}: sqrt(x0_mse / mean(x0²)).
+    holdout_measured: hold-out examples of the measurement store used.
+    heldout_observed_mse_t{t}: the training objective on hold-out measurements (error on
+        entries the acquisition measured); needs no clean image.
 """
 
 from __future__ import annotations
@@ -17,40 +21,67 @@ from typing import Any
 
 import numpy as np
 
-from ambient_med.diffusion.denoising import x0_prediction_error
+from ambient_med.diffusion.denoising import heldout_observed_error, x0_prediction_error
+from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm
 from ambient_med.diffusion.training import to_image_channels
-from ambient_med.errors import AmbientMedError
 from ambient_med.io.store import atomic_path, read_slices
-from ambient_med.stages.common import load_model
+from ambient_med.stages.common import load_examples, load_model
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: dict[str, Any], model_path: Path, slices_path: Path, metrics_out: Path) -> None:
+def _spread(rows: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` evenly spaced entries of ``rows``."""
+    if len(rows) <= limit:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, limit).round().astype(int)]
+
+
+def run(
+    cfg: dict[str, Any],
+    model_path: Path,
+    slices_path: Path,
+    metrics_out: Path,
+    measurements_path: Path | None = None,
+) -> None:
     net, meta = load_model(model_path)
-    store = read_slices(slices_path)
-    rows = store.index.rows("holdout")
-    if len(rows) == 0:
-        raise AmbientMedError(f"slice store '{slices_path}': no hold-out slice to evaluate")
     limit = cfg["evaluate"]["max_slices"]
-    if len(rows) > limit:
-        rows = rows[np.linspace(0, len(rows) - 1, limit).round().astype(int)]
-    x0 = to_image_channels(store.images[rows], meta["kind"])
     alphas = build_ddpm(meta["scheduler"]).alphas_cumprod
     timesteps = [t for t in cfg["evaluate"]["timesteps"] if t < len(alphas)]
-    errors = x0_prediction_error(net, meta, x0, alphas, timesteps, cfg["cohort"]["seed"])
-    power = float(x0.square().mean())
+    seed = cfg["cohort"]["seed"]
     metrics: dict[str, Any] = {
         "cohort": cfg["cohort"]["name"],
         "mode": meta["mode"],
         "kind": meta["kind"],
         "steps": int(meta["steps"]),
-        "holdout_slices": len(rows),
+        "holdout_slices": 0,
     }
-    for t, mse in errors.items():
-        metrics[f"x0_mse_t{t}"] = mse
-        metrics[f"x0_nrmse_t{t}"] = float(np.sqrt(mse / power))
-        log.info("t=%d: x0 MSE %.5f (NRMSE %.3f)", t, mse, metrics[f"x0_nrmse_t{t}"])
+
+    store = read_slices(slices_path)
+    rows = _spread(store.index.rows("holdout"), limit)
+    if len(rows) and meta["kind"] != "native":
+        x0 = to_image_channels(store.images[rows], meta["kind"])
+        errors = x0_prediction_error(net, meta, x0, alphas, timesteps, seed)
+        power = float(x0.square().mean())
+        metrics["holdout_slices"] = len(rows)
+        for t, mse in errors.items():
+            metrics[f"x0_mse_t{t}"] = mse
+            metrics[f"x0_nrmse_t{t}"] = float(np.sqrt(mse / power))
+            log.info("t=%d: x0 MSE %.5f (NRMSE %.3f)", t, mse, metrics[f"x0_nrmse_t{t}"])
+    else:
+        log.info("no clean hold-out slice for this model: x0 error not measured")
+
+    if measurements_path is not None and meta["mode"] != "clean":
+        data = load_examples(
+            measurements_path, meta["mode"], meta["kind"], "holdout", meta["delta"], False, seed
+        )
+        data = data.subset(_spread(np.arange(len(data)), limit))
+        objective = AmbientObjective(alphas)
+        errors = heldout_observed_error(net, objective, data, timesteps, seed)
+        metrics["holdout_measured"] = len(data)
+        for t, mse in errors.items():
+            metrics[f"heldout_observed_mse_t{t}"] = mse
+            log.info("t=%d: hold-out error on measured entries %.5f", t, mse)
     with atomic_path(metrics_out) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -23,24 +23,10 @@ from ambient_med import __version__
 from ambient_med.config import config_hash
 from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm, build_denoiser
-from ambient_med.diffusion.training import (
-    Trainer,
-    TrainingSet,
-    fixed_further_masks,
-    to_image_channels,
-)
+from ambient_med.diffusion.training import Trainer, TrainingSet
 from ambient_med.errors import AmbientMedError
-from ambient_med.io.store import (
-    atomic_path,
-    load_torch,
-    read_measurements,
-    read_slices,
-    save_torch,
-    sha256_file,
-)
-from ambient_med.physics.operators import PixelMask, SingleCoilFourier
-from ambient_med.stages.common import MODEL_FORMAT
-from ambient_med.stages.corrupt import example_keys
+from ambient_med.io.store import atomic_path, load_torch, save_torch, sha256_file
+from ambient_med.stages.common import MODEL_FORMAT, load_examples
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +44,16 @@ def resolve_device(name: str) -> torch.device:
 def load_training_set(cfg: dict[str, Any], input_path: Path) -> TrainingSet:
     """The training split as the configured mode sees it (DESIGN.md §3.5)."""
     cohort = cfg["cohort"]
-    mode, kind = cohort["train_mode"], cohort["corruption"]
-    delta = cfg["train"]["delta"]
-    if mode == "clean":
-        store = read_slices(input_path)
-        rows = store.index.rows("train")
-        return TrainingSet(to_image_channels(store.images[rows], kind), kind, mode, delta=delta)
-    meas = read_measurements(input_path)
-    if meas.attrs.get("kind") != kind:
-        raise AmbientMedError(
-            f"measurement store '{input_path}': holds kind {meas.attrs.get('kind')!r}, "
-            f"config key 'cohorts.{cohort['name']}.corruption' asks for {kind!r}"
-        )
-    rows = meas.index.rows("train")
-    y = torch.from_numpy(meas.measurements[rows])
-    masks = torch.from_numpy(meas.mask[rows].astype(bool))
-    height = y.shape[-2]
-    if mode == "naive":
-        op = PixelMask(masks[:, None]) if kind == "pixel" else SingleCoilFourier(masks, height)
-        return TrainingSet(op.A_adjoint(y), kind, mode, delta=delta)
-    further = None
-    if not cfg["train"]["b_redraw"]:
-        keys = example_keys(meas.index.subjects, meas.index.subject, meas.index.slice_index)
-        keys = [keys[r] for r in rows]
-        further = fixed_further_masks(kind, masks, keys, delta, cohort["seed"])
-    return TrainingSet(y, kind, mode, masks=masks, further_masks=further, delta=delta)
+    return load_examples(
+        input_path,
+        mode=cohort["train_mode"],
+        kind=cohort["corruption"],
+        split="train",
+        delta=cfg["train"]["delta"],
+        b_redraw=cfg["train"]["b_redraw"],
+        seed=cohort["seed"],
+        cohort=cohort["name"],
+    )
 
 
 def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) -> Trainer:
@@ -208,7 +179,7 @@ def run(
         "mode": cfg["cohort"]["train_mode"],
         "kind": kind,
         "image_channels": data.image_channels,
-        "image_size": int(data.targets.shape[-1]),
+        "image_size": data.image_shape[-1],
         "delta": float(train_cfg["delta"]),
         "model": cfg["model"],
         "scheduler": cfg["scheduler"],
@@ -217,6 +188,9 @@ def run(
         "seed": cfg["cohort"]["seed"],
         "provenance": prov,
     }
+    if data.masks is not None and kind == "native":
+        # An acquired mask of the training data: Ã_inf at sampling redraws B on it.
+        model["native_line_mask"] = data.masks[0].tolist()
     save_torch(model_out, model)
     with atomic_path(loss_out) as tmp:
         tmp.write_bytes(loss_log.read_bytes())
