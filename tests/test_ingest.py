@@ -51,15 +51,17 @@ def test_nifti_reads_back_in_canonical_ras(demo_dir, sources):
 
 
 def test_dicom_series_matches_its_source_geometry_and_intensities(demo_dir, sources):
-    volumes, affine = sources
+    sources_, affine = sources
     headers = {p: read_header(p) for p in sorted((demo_dir / "series_01").iterdir())}
     series, skipped = group_series(headers)
     assert not skipped and len(series) == 1
-    volume = assemble_series(next(iter(series.values())), max_voxels=10**9)
-    assert volume.data.shape == volumes[1].shape
+    parts, dropped = assemble_series(next(iter(series.values())), max_voxels=10**9)
+    assert not dropped and len(parts) == 1
+    volume = parts[0]
+    assert volume.data.shape == sources_[1].shape
     np.testing.assert_allclose(volume.affine, affine, atol=1e-3)
     # int16 storage with RescaleSlope 0.05: at most half a step of quantisation error.
-    np.testing.assert_allclose(volume.data, volumes[1], atol=0.0251)
+    np.testing.assert_allclose(volume.data, sources_[1], atol=0.0251)
 
 
 def test_dicom_refuses_duplicate_positions(demo_dir):

@@ -76,6 +76,8 @@ def is_dicomdir(path: Path, ds: pydicom.Dataset) -> bool:
 
 def skip_reason(ds: pydicom.Dataset) -> str | None:
     """Why a DICOM object is not an MR slice stack a model should learn from, or None."""
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+        return "damaged or truncated DICOM header (no SOPClassUID or Modality)"
     modality = str(ds.get("Modality", ""))
     if modality != "MR":
         return f"modality {modality or 'missing'} is not MR"
@@ -220,13 +222,46 @@ def _read_pixels(path: Path) -> np.ndarray:
     return pixels
 
 
-def assemble_series(group: SeriesFrames, max_voxels: int) -> DicomVolume:
-    """Stacks one series into a canonical RAS volume.
+def _volume(frames: list[Frame], planes: list[np.ndarray], keys: tuple[str, str]) -> DicomVolume:
+    """A canonical RAS volume from frames already ordered along the normal."""
+    first = frames[0]
+    row_cos, col_cos = first.orientation[:3], first.orientation[3:]
+    # Voxel (i, j, k) = column i, row j of the k-th plane along the normal.
+    data = np.stack([plane.T for plane in planes], axis=-1)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cos * first.spacing[1]
+    affine_lps[:3, 1] = col_cos * first.spacing[0]
+    if len(frames) > 1:
+        affine_lps[:3, 2] = (frames[-1].position - frames[0].position) / (len(frames) - 1)
+    else:
+        affine_lps[:3, 2] = np.cross(row_cos, col_cos)
+    affine_lps[:3, 3] = first.position
+    image = nib.as_closest_canonical(nib.Nifti1Image(data, LPS_TO_RAS @ affine_lps))
+    return DicomVolume(
+        files=sorted({f.path for f in frames}),
+        frame_files=[f.path for f in frames],
+        data=np.asarray(image.dataobj, dtype=np.float32),
+        affine=image.affine,
+        identity_keys=keys,
+    )
+
+
+def assemble_series(
+    group: SeriesFrames, max_voxels: int
+) -> tuple[list[DicomVolume], dict[Path, str]]:
+    """Stacks one series into canonical RAS volumes.
+
+    A file whose pixels cannot be decoded is dropped (and returned with its reason); the
+    series is then split at any gap in the slice positions, so the rest is still used with
+    correct geometry.
+
+    Returns:
+        (volumes, {dropped file: reason}).
 
     Raises:
-        AmbientMedError: inconsistent orientation, duplicate positions, a gap, differing
-            slice sizes, a volume over ``max_voxels`` (checked before any pixel is read),
-            missing or undecodable pixels.
+        AmbientMedError: the whole series is unusable — inconsistent orientation, duplicate
+            positions, differing slice sizes, or over ``max_voxels`` (checked before any
+            pixel is read).
     """
     frames = group.frames
     first = frames[0]
@@ -241,44 +276,42 @@ def assemble_series(group: SeriesFrames, max_voxels: int) -> DicomVolume:
         raise AmbientMedError(
             f"{len(frames)} slices of {rows}x{cols} exceed ingest.max_voxels={max_voxels}"
         )
-    row_cos, col_cos = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row_cos, col_cos)
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
     along = np.array([f.position @ normal for f in frames])
     order = np.argsort(along, kind="stable")
     steps = np.diff(along[order])
-    if len(frames) > 1:
-        if np.min(steps) < 1e-3:
-            raise AmbientMedError("two slices at the same position")
-        if np.max(steps) > 1.5 * np.median(steps):
-            raise AmbientMedError("a gap in the slice positions (missing slices)")
+    if len(frames) > 1 and np.min(steps) < 1e-3:
+        raise AmbientMedError("two slices at the same position")
+    spacing = float(np.median(steps)) if len(steps) else 0.0
 
-    by_file: dict[Path, np.ndarray] = {}
-    planes = []
+    pixels_of: dict[Path, np.ndarray] = {}
+    dropped: dict[Path, str] = {}
+    for frame in frames:
+        if frame.path in pixels_of or frame.path in dropped:
+            continue
+        try:
+            pixels = _read_pixels(frame.path)
+            if pixels.shape[1:] != (rows, cols):
+                raise AmbientMedError(f"'{frame.path.name}': pixel data is not {rows}x{cols}")
+            pixels_of[frame.path] = pixels
+        except AmbientMedError as exc:
+            dropped[frame.path] = str(exc)
+
+    # Contiguous runs of decodable frames: a dropped or missing slice starts a new run.
+    runs: list[list[int]] = []
+    previous = None
     for idx in order:
-        frame = frames[idx]
-        if frame.path not in by_file:
-            by_file[frame.path] = _read_pixels(frame.path)
-        pixels = by_file[frame.path][frame.frame or 0]
-        if pixels.shape != (rows, cols):
-            raise AmbientMedError(f"'{frame.path.name}': pixel data is not {rows}x{cols}")
-        planes.append(pixels * frame.slope + frame.intercept)
-
-    # Voxel (i, j, k) = column i, row j of the k-th plane along the normal.
-    data = np.stack([plane.T for plane in planes], axis=-1)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cos * first.spacing[1]
-    affine_lps[:3, 1] = col_cos * first.spacing[0]
-    ordered = [frames[i] for i in order]
-    if len(frames) > 1:
-        affine_lps[:3, 2] = (ordered[-1].position - ordered[0].position) / (len(frames) - 1)
-    else:
-        affine_lps[:3, 2] = normal
-    affine_lps[:3, 3] = ordered[0].position
-    image = nib.as_closest_canonical(nib.Nifti1Image(data, LPS_TO_RAS @ affine_lps))
-    return DicomVolume(
-        files=sorted(by_file),
-        frame_files=[f.path for f in ordered],
-        data=np.asarray(image.dataobj, dtype=np.float32),
-        affine=image.affine,
-        identity_keys=group.identity_keys,
-    )
+        if frames[idx].path in dropped:
+            previous = None
+            continue
+        gap = previous is not None and along[idx] - along[previous] > 1.5 * spacing
+        if previous is None or gap:
+            runs.append([])
+        runs[-1].append(int(idx))
+        previous = idx
+    volumes = []
+    for run in runs:
+        run_frames = [frames[i] for i in run]
+        planes = [pixels_of[f.path][f.frame or 0] * f.slope + f.intercept for f in run_frames]
+        volumes.append(_volume(run_frames, planes, group.identity_keys))
+    return volumes, dropped

@@ -80,7 +80,7 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def _read_volumes(
+def read_inputs(
     root: Path, files: list[Path], secret: bytes, ingest: dict[str, Any]
 ) -> tuple[list[Volume], dict[Path, tuple[str, str]]]:
     """Reads every usable volume; returns them and {file: (format, skip reason)}."""
@@ -134,13 +134,16 @@ def _read_volumes(
     for uid in sorted(series):
         group = series[uid]
         try:
-            volume = assemble_series(group, max_voxels)
+            parts, dropped = assemble_series(group, max_voxels)
         except AmbientMedError as exc:
             for frame in group.frames:
                 skipped[frame.path] = ("dicom", f"series refused: {exc}")
             continue
-        subject = pseudonym(secret, "dicom", *volume.identity_keys)
-        volumes.append(Volume(subject, volume.files, "dicom", volume.data, volume.affine))
+        for path, reason in dropped.items():
+            skipped[path] = ("dicom", reason)
+        for part in parts:
+            subject = pseudonym(secret, "dicom", *part.identity_keys)
+            volumes.append(Volume(subject, part.files, "dicom", part.data, part.affine))
     return volumes, skipped
 
 
@@ -199,7 +202,7 @@ def run(
     root = Path(input_dir)
     files = _list_inputs(root)
     secret = site_secret(demo=cohort["demo"])
-    volumes, skipped = _read_volumes(root, files, secret, ingest)
+    volumes, skipped = read_inputs(root, files, secret, ingest)
     for path, (_, reason) in sorted(skipped.items()):
         log.info("skipped %s: %s", _rel(root, path), reason)
     if skipped and ingest["strict"]:
