@@ -93,3 +93,96 @@ def test_tiny_workflow_end_to_end(tmp_path):
     # Nothing left to do: the same config reruns nothing.
     proc = _snakemake(work, "all", "-n", "--configfile", "config/tiny.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+IDENTITIES = [
+    {
+        "PatientName": "Smithson^Alicia^Q",
+        "PatientID": "MRN-99812-ZX",
+        "PatientBirthDate": "19761231",
+        "InstitutionName": "Saint Elsewhere Hospital",
+    },
+    {
+        "PatientName": "Okonkwo^Benedikt",
+        "PatientID": "MRN-55170-QW",
+        "PatientBirthDate": "19590704",
+        "InstitutionName": "Saint Elsewhere Hospital",
+    },
+]
+
+
+def _identity_cohort(root: Path) -> Path:
+    """Two patients' series with known identifiers, plus one broken series of a third."""
+    import pydicom
+
+    from ambient_med.io.demo import load_template, pseudo_subject, write_dicom_series
+
+    template, affine = load_template(4.0)
+    folder = root / "pacs_export"
+    for s, identity in enumerate(IDENTITIES):
+        volume = pseudo_subject(template, 77 + s, 4.0)
+        write_dicom_series(folder / f"study{s}", volume, affine, 10 + s, 5, identity)
+    broken = {**IDENTITIES[0], "PatientID": "MRN-31337-BR", "PatientName": "Brokenfield^Carl"}
+    write_dicom_series(folder / "study2", template, affine, 12, 5, broken)
+    victim = sorted((folder / "study2").iterdir())[3]
+    ds = pydicom.dcmread(victim)
+    ds.Rows = ds.Rows - 1
+    ds.PixelData = ds.PixelData[: ds.Rows * ds.Columns * 2]
+    ds.save_as(victim)
+    return folder
+
+
+def test_no_identifier_reaches_outputs_logs_or_errors(tmp_path):
+    work = _workdir(tmp_path)
+    folder = _identity_cohort(tmp_path)
+    (work / "site.yaml").write_text(
+        f"cohorts:\n  site:\n    input: {folder}\n    holdout_subjects: 1\n"
+    )
+    targets = ["results/site/corrupt/kspace.h5", "results/site/ingest/manifest.csv"]
+    args = [*targets, "--cores", "2", "--configfile", "config/tiny.yaml", "site.yaml"]
+
+    # Without a site secret: a one-line refusal, and still no identifier anywhere.
+    env = _env()
+    env.pop("AMBIENT_MED_SITE_SECRET", None)
+    env.pop("AMBIENT_MED_SITE_SECRET_FILE", None)
+    failed = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert failed.returncode != 0
+    log = (work / "results" / "site" / "logs" / "ingest.log").read_text()
+    assert log.strip().splitlines()[-1].startswith("ambient-med ingest: error: no site secret")
+
+    env["AMBIENT_MED_SITE_SECRET"] = "a-site-secret-kept-outside-results"
+    ok = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    manifest = (work / "results" / "site" / "ingest" / "manifest.csv").read_text()
+    assert "series refused: slices of different sizes" in manifest
+    assert manifest.count(",ingested,") == 2 * len(list((folder / "study0").iterdir()))
+
+    tokens = set()
+    for identity in [*IDENTITIES, {"PatientID": "MRN-31337-BR", "PatientName": "Brokenfield^Carl"}]:
+        for value in identity.values():
+            tokens.add(value)
+            tokens.update(part for part in value.split("^") if len(part) > 3)
+    tokens.update({"Elsewhere", "1976-12-31", "19761231"})
+    haystacks = {"stdout/stderr": (failed.stdout + failed.stderr + ok.stdout + ok.stderr).encode()}
+    for root in (work / "results", work / ".snakemake" / "log"):
+        for path in root.rglob("*"):
+            if path.is_file():
+                haystacks[str(path.relative_to(work))] = path.read_bytes()
+    assert len(haystacks) > 8
+    for where, blob in haystacks.items():
+        for token in tokens:
+            assert token.encode() not in blob, f"{token!r} found in {where}"

@@ -95,7 +95,12 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, flip_x: bool) 
 
 
 def write_dicom_series(
-    folder: Path, data: np.ndarray, affine: np.ndarray, subject: int, seed: int
+    folder: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    subject: int,
+    seed: int,
+    identity: dict[str, str] | None = None,
 ) -> None:
     """Writes a RAS volume as an axial MR series, one file per slice, standard orientation.
 
@@ -103,7 +108,8 @@ def write_dicom_series(
     posterior and columns right → left (patient's left on the image right is DICOM's usual
     axial view: row cosine (1, 0, 0), column cosine (0, 1, 0) in LPS). Intensities are stored
     as int16 with RescaleSlope/Intercept. Files are named by a hash and numbered against the
-    slice order, so a reader must sort by geometry.
+    slice order, so a reader must sort by geometry. ``identity`` overrides the made-up
+    patient attributes (PatientName, PatientID, PatientBirthDate, InstitutionName, ...).
     """
     folder.mkdir(parents=True, exist_ok=True)
     nx, ny, nz = data.shape
@@ -142,6 +148,8 @@ def write_dicom_series(
         ds.InstitutionName = "AMBIENT DEMO HOSPITAL"
         ds.StudyDate = "20260101"
         ds.PatientPosition = "HFS"
+        for keyword, value in (identity or {}).items():
+            setattr(ds, keyword, value)
         ds.SeriesNumber = 1
         ds.InstanceNumber = nz - k  # deliberately against the slice order
         ds.ImagePositionPatient = [round(float(v), 4) for v in position]
