@@ -50,6 +50,7 @@ class Frame:
 class SeriesFrames:
     frames: list[Frame] = field(default_factory=list)
     identity_keys: tuple[str, str] = ("", "")
+    datasets: dict[Path, pydicom.Dataset] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,9 +63,10 @@ class DicomVolume:
 
 
 def read_header(path: Path) -> pydicom.Dataset | None:
-    """The header without pixel data, or None when the file is not DICOM."""
+    """The dataset with its pixel data deferred (read from the file only when decoded), or
+    None when the file is not DICOM. One parse per file serves grouping and decoding."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return pydicom.dcmread(path, defer_size="64 KB")
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError):
         return None
 
@@ -190,16 +192,18 @@ def group_series(
         seen_instances[sop] = path
         group = series[str(ds.SeriesInstanceUID)]
         group.frames.extend(frames)
+        group.datasets[path] = ds
         group.identity_keys = (str(ds.get("PatientID", "")), str(ds.get("StudyInstanceUID", "")))
     return dict(series), skipped
 
 
-def _read_pixels(path: Path) -> np.ndarray:
+def _read_pixels(path: Path, ds: pydicom.Dataset | None = None) -> np.ndarray:
     """All frames of a file as float32 ``(frames, rows, cols)``, MONOCHROME1 inverted."""
-    try:
-        ds = pydicom.dcmread(path)
-    except Exception as exc:
-        raise AmbientMedError(f"'{path.name}': unreadable ({exc.__class__.__name__})") from None
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise AmbientMedError(f"'{path.name}': unreadable ({exc.__class__.__name__})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise AmbientMedError(f"'{path.name}': no PixelData")
     try:
@@ -290,7 +294,7 @@ def assemble_series(
         if frame.path in pixels_of or frame.path in dropped:
             continue
         try:
-            pixels = _read_pixels(frame.path)
+            pixels = _read_pixels(frame.path, group.datasets.get(frame.path))
             if pixels.shape[1:] != (rows, cols):
                 raise AmbientMedError(f"'{frame.path.name}': pixel data is not {rows}x{cols}")
             pixels_of[frame.path] = pixels
