@@ -95,6 +95,11 @@ rule all:
         CORRUPTED,
         expand("results/{cohort}/sample/grid.png", cohort=COHORTS),
         expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
+        [
+            f"results/{cohort}/reconstruct/metrics.json"
+            for cohort in COHORTS
+            if config["cohorts"][cohort]["source"] == "images"
+        ],
     localrule: True
 
 
@@ -215,11 +220,42 @@ rule sample:
         "--nifti {output.nifti} --grid {output.grid} 2> {log}"
 
 
+rule reconstruct:
+    input:
+        model="results/{cohort}/train/model.pt",
+        slices="results/{cohort}/ingest/slices.h5",
+    output:
+        files=directory("results/{cohort}/reconstruct/files"),
+        metrics="results/{cohort}/reconstruct/metrics.json",
+    log:
+        "results/{cohort}/logs/reconstruct.log",
+    benchmark:
+        "results/{cohort}/benchmarks/reconstruct.tsv"
+    conda:
+        ENV
+    threads: 8
+    params:
+        version=__version__,
+        cfg=stage_params("reconstruct"),
+    shell:
+        "ambient-med reconstruct --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --model {input.model} --slices {input.slices} "
+        "--files {output.files} --metrics {output.metrics} 2> {log}"
+
+
+def reconstruction_metrics(wildcards):
+    """Image cohorts have clean hold-out references to reconstruct against."""
+    if config["cohorts"][wildcards.cohort]["source"] == "images":
+        return [f"results/{wildcards.cohort}/reconstruct/metrics.json"]
+    return []
+
+
 rule evaluate:
     input:
         model="results/{cohort}/train/model.pt",
         slices="results/{cohort}/ingest/slices.h5",
         measurements=measurements,
+        reconstruction=reconstruction_metrics,
     output:
         "results/{cohort}/eval/metrics.json",
     log:
@@ -232,7 +268,11 @@ rule evaluate:
     params:
         version=__version__,
         cfg=stage_params("evaluate"),
+        reconstruction=lambda wildcards, input: (
+            f"--reconstruction {input.reconstruction}" if input.reconstruction else ""
+        ),
     shell:
         "ambient-med evaluate --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input.model} --slices {input.slices} "
-        "--measurements {input.measurements} --metrics {output} 2> {log}"
+        "--measurements {input.measurements} --metrics {output} "
+        "{params.reconstruction} 2> {log}"

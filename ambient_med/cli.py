@@ -34,6 +34,9 @@ STAGES: dict[str, str] = {
     "corrupted measurements; resumes from the last checkpoint after an interruption.",
     "sample": "Draw prior samples from a trained model with the fixed-mask DDIM sampler; "
     "write them as NIfTI and as a PNG grid.",
+    "reconstruct": "Undersample hold-out scans retrospectively and reconstruct them with "
+    "zero-filling, L1-wavelet compressed sensing and the diffusion prior (DC, DPS, one-step); "
+    "write NIfTI, derived DICOM, PNG panels and PSNR/SSIM/NRMSE.",
     "evaluate": "Measure a trained model on clean hold-out slices (x0-prediction error at "
     "several noise levels) into a flat metrics.json.",
 }
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--measurements", type=Path, default=None, help="measurement store (native: coil maps)"
     )
+    p = parsers["reconstruct"]
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--slices", type=Path, required=True, help="slice store (hold-out split used)")
+    p.add_argument("--files", type=Path, required=True, help="folder for NIfTI/DICOM/PNG outputs")
+    p.add_argument("--metrics", type=Path, required=True, help="reconstruction metrics JSON")
     p = parsers["evaluate"]
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--slices", type=Path, required=True, help="slice store (hold-out split used)")
@@ -112,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="measurement store: adds the hold-out error on measured entries",
+    )
+    p.add_argument(
+        "--reconstruction",
+        type=Path,
+        default=None,
+        help="metrics JSON of the reconstruct rule, merged with the prefix 'recon_'",
     )
     return parser
 
@@ -155,11 +169,18 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         cfg = _stage_cfg(args, "sample")
         sample.run(cfg, args.model, args.nifti, args.grid, args.measurements)
+    elif stage == "reconstruct":
+        from ambient_med.stages import reconstruct
+
+        cfg = _stage_cfg(args, "reconstruct")
+        reconstruct.run(cfg, args.model, args.slices, args.files, args.metrics)
     elif stage == "evaluate":
         from ambient_med.stages import evaluate
 
         cfg = _stage_cfg(args, "evaluate")
-        evaluate.run(cfg, args.model, args.slices, args.metrics, args.measurements)
+        evaluate.run(
+            cfg, args.model, args.slices, args.metrics, args.measurements, args.reconstruction
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

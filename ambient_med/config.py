@@ -30,6 +30,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "corrupt": ("corrupt",),
     "train": ("corrupt", "model", "scheduler", "train"),
     "sample": ("sample",),
+    "reconstruct": ("reconstruct",),
     "evaluate": ("evaluate",),
 }
 

@@ -220,11 +220,10 @@ def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.n
     Returns:
         ``(N, coils, H, W)`` complex64 k-space.
     """
-    from sigpy.mri import birdcage_maps
+    from ambient_med.physics.coils import birdcage
 
     n, height, width = images.shape
-    maps = birdcage_maps((coils, height, width), r=1.2).astype(np.complex64)
-    maps /= np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
+    maps = birdcage(coils, height, width)
     rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
     out = np.empty((n, coils, height, width), dtype=np.complex64)

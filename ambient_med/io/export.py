@@ -30,3 +30,84 @@ def write_slice_volume(path: str | Path, slices: np.ndarray, affine: np.ndarray)
 def write_png_grid(path: str | Path, images: np.ndarray, columns: int = 4) -> None:
     with atomic_path(path) as tmp:
         save_grid(tmp, images, columns)
+
+
+def write_derived_series(
+    folder: str | Path,
+    slices: np.ndarray,
+    affine: np.ndarray,
+    subject: str,
+    description: str,
+    uid_seed: str,
+) -> None:
+    """A derived DICOM series (MR Image Storage) of reconstructed axial slices.
+
+    New UIDs (deterministic in ``uid_seed``), ImageType DERIVED\\SECONDARY, geometry from the
+    RAS ``affine`` of the ``(H, W, N)`` grid, and no identifying attribute: PatientID is the
+    pseudonym and PatientName is empty. Written to a temporary folder, then renamed.
+
+    Args:
+        slices: ``(N, H, W)`` magnitudes; pixel ``[r, c]`` of slice ``k`` is voxel ``(c, r, k)``.
+    """
+    import shutil
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.part")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    row_cos = ras_to_lps @ (affine[:3, 0] / spacing[0])
+    col_cos = ras_to_lps @ (affine[:3, 1] / spacing[1])
+    peak = float(slices.max()) or 1.0
+    slope = peak / 4095.0
+    stored = np.clip(np.round(slices / slope), 0, 4095).astype(np.uint16)
+    prefix = "1.2.826.0.1.3680043.8.498."
+    study = generate_uid(prefix, [uid_seed, "study"])
+    series = generate_uid(prefix, [uid_seed, "series"])
+    frame = generate_uid(prefix, [uid_seed, "frame"])
+    for k in range(len(slices)):
+        sop = generate_uid(prefix, [uid_seed, "sop", str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality = "MR"
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+        ds.SeriesDescription = description[:64]
+        ds.PatientName = ""
+        ds.PatientID = subject
+        ds.PatientBirthDate = ""
+        ds.PatientSex = ""
+        ds.StudyDate = ""
+        ds.StudyTime = ""
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
+        ds.StudyID = ""
+        ds.SeriesNumber = 900
+        ds.InstanceNumber = k + 1
+        position = ras_to_lps @ (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
+        ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
+        ds.SliceThickness = round(float(spacing[2]), 6)
+        ds.Rows, ds.Columns = slices.shape[2], slices.shape[1]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = 0
+        ds.RescaleSlope, ds.RescaleIntercept = round(slope, 10), 0.0
+        ds.PixelData = np.ascontiguousarray(stored[k].T).tobytes()
+        ds.save_as(tmp / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)

@@ -65,3 +65,11 @@ def sense_combine(coil_images: np.ndarray, maps: np.ndarray) -> np.ndarray:
 def rss(coil_images: np.ndarray) -> np.ndarray:
     """Root sum of squares over coils: ``(coils, H, W)`` → ``(H, W)`` magnitude."""
     return np.sqrt(np.sum(np.abs(coil_images) ** 2, axis=0))
+
+
+def birdcage(coils: int, height: int, width: int) -> np.ndarray:
+    """Simulated birdcage sensitivities (sigpy), normalised so that Σ_c |S_c|² = 1."""
+    from sigpy.mri import birdcage_maps
+
+    maps = birdcage_maps((coils, height, width), r=1.2).astype(np.complex64)
+    return maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))

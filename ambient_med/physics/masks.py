@@ -148,3 +148,15 @@ def further_pixel_mask(
     """
     draw = torch.rand(pixel_keep.shape, generator=generator).to(pixel_keep.device)
     return pixel_keep.bool() & (draw >= delta)
+
+
+def poisson_mask(shape: tuple[int, int], acceleration: float, calib: int, seed: int) -> np.ndarray:
+    """2-D variable-density Poisson-disc sampling mask (sigpy), fully sampled ``calib`` box.
+
+    Returns:
+        ``(H, W)`` boolean mask; about ``H W / acceleration`` samples.
+    """
+    from sigpy.mri import poisson
+
+    mask = poisson(tuple(shape), acceleration, calib=(calib, calib), seed=seed, dtype=np.float32)
+    return mask > 0

@@ -26,11 +26,14 @@ def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
 
 
 class MaskedOperator:
-    """A = M T with T orthonormal (identity or Fourier) and M a 0/1 mask on its output.
+    """A = M T with T a linear map (identity, Fourier, SENSE) and M a 0/1 mask on its output.
 
     Subclasses define ``measurement_mask`` (broadcastable to measurements), ``transform`` and
     ``inverse_transform`` (T and T^H), and ``mask_image`` (what the network sees of the mask).
+    ``orthonormal`` says whether T^H T = I, so that data consistency is a projection.
     """
+
+    orthonormal = True
 
     def transform(self, image: torch.Tensor) -> torch.Tensor:
         return image
@@ -87,13 +90,23 @@ class Identity(PixelMask):
         super().__init__(torch.ones(batch, 1, height, width, device=device))
 
 
+def _kspace_mask_image(mask: torch.Tensor, height: int) -> torch.Tensor:
+    """``(B, W)`` line masks or ``(B, H, W)`` 2-D masks → ``(B, 1, H, W)``."""
+    if mask.ndim == 2:
+        return mask[:, None, None, :].expand(-1, 1, height, -1)
+    return mask[:, None]
+
+
 class SingleCoilFourier(MaskedOperator):
-    """A = M F: centred orthonormal 2-D FFT, then a 1-D phase-encode line mask.
+    """A = M F: centred orthonormal 2-D FFT, then a sampling mask.
 
     Args:
-        line_mask: ``(B, W)`` boolean, True on acquired phase-encode columns (the last axis).
+        line_mask: ``(B, W)`` boolean, True on acquired phase-encode columns (the last axis),
+            or ``(B, H, W)`` for 2-D (e.g. Poisson-disc) sampling.
         height: number of readout rows H.
     """
+
+    orthonormal = True
 
     def __init__(self, line_mask: torch.Tensor, height: int) -> None:
         self.line_mask = line_mask.float()
@@ -107,10 +120,10 @@ class SingleCoilFourier(MaskedOperator):
 
     @property
     def measurement_mask(self) -> torch.Tensor:
-        return self.line_mask[:, None, None, :]
+        return _kspace_mask_image(self.line_mask, self.height)
 
     def mask_image(self) -> torch.Tensor:
-        return self.measurement_mask.expand(-1, 1, self.height, -1)
+        return _kspace_mask_image(self.line_mask, self.height)
 
     def restrict(self, keep: torch.Tensor) -> SingleCoilFourier:
         return SingleCoilFourier(self.line_mask * keep.float(), self.height)
@@ -150,13 +163,91 @@ class MultiCoilSense(MaskedOperator):
         coil_images = torch.view_as_complex(ifftn_centered_t(data, spatial_dims=2).contiguous())
         return to_channels((self.maps.conj() * coil_images).sum(dim=1))
 
+    orthonormal = False
+
     @property
     def measurement_mask(self) -> torch.Tensor:
-        return self.line_mask[:, None, None, :, None]
+        return _kspace_mask_image(self.line_mask, self.maps.shape[-2])[..., None]
 
     def mask_image(self) -> torch.Tensor:
-        height = self.maps.shape[-2]
-        return self.line_mask[:, None, None, :].expand(-1, 1, height, -1)
+        return _kspace_mask_image(self.line_mask, self.maps.shape[-2])
 
     def restrict(self, keep: torch.Tensor) -> MultiCoilSense:
         return MultiCoilSense(self.line_mask * keep.float(), self.maps)
+
+
+def add_measurement_noise(
+    measurements: torch.Tensor, op: MaskedOperator, sigma: float, generator: torch.Generator
+) -> torch.Tensor:
+    """y + n on measured entries: complex Gaussian noise of standard deviation ``sigma`` per
+    complex sample (σ/√2 per real and imaginary part; σ per entry for real pixel data)."""
+    if sigma <= 0:
+        return measurements
+    noise = torch.randn(measurements.shape, generator=generator).to(measurements.device)
+    per_part = sigma / (2**0.5) if not isinstance(op, PixelMask) else sigma
+    return measurements + per_part * noise * op.observed(measurements)
+
+
+def data_consistent(
+    op: MaskedOperator, image: torch.Tensor, measurements: torch.Tensor, iterations: int = 10
+) -> torch.Tensor:
+    """The image closest to ``image`` that agrees with the measurements.
+
+    For masked orthonormal operators this is exact: keep ``image`` where nothing was measured
+    and the measurements where they were (``x + A^H (y - A x)``). For SENSE, a few conjugate
+    gradient steps on ``min ‖z - x‖² s.t. A z = y`` via its normal equations ``A A^H λ = r``.
+    """
+    residual = measurements - op.A(image)
+    if op.orthonormal:
+        return image + op.A_adjoint(residual)
+    # CG on (A A^H) λ = r, then z = x + A^H λ. A A^H is singular for SENSE and float32 CG
+    # loses orthogonality once converged, so stop at a tiny residual or when it starts to
+    # grow again, and keep the best iterate.
+    lam = torch.zeros_like(residual)
+    best = lam
+    r = residual.clone()
+    p = r.clone()
+    rs = (r * r).flatten(1).sum(1)
+    best_rs = rs.sum()
+    tolerance = 1e-10 * best_rs
+    shape = (-1, *([1] * (p.ndim - 1)))
+    for _ in range(iterations):
+        ap = op.A(op.A_adjoint(p))
+        alpha = rs / (p * ap).flatten(1).sum(1).clamp(min=1e-20)
+        lam = lam + alpha.view(shape) * p
+        r = r - alpha.view(shape) * ap
+        rs_new = (r * r).flatten(1).sum(1)
+        if rs_new.sum() < best_rs:
+            best, best_rs = lam, rs_new.sum()
+        if best_rs <= tolerance or rs_new.sum() > 4 * best_rs:
+            break
+        p = r + (rs_new / rs.clamp(min=1e-20)).view(shape) * p
+        rs = rs_new
+    return image + op.A_adjoint(best)
+
+
+class RealImage(MaskedOperator):
+    """``op`` applied to real 1-channel images: x ↦ A [x, 0]; the adjoint keeps the real part.
+
+    Lets a prior over real images (pixel-mode models) reconstruct k-space measurements.
+    """
+
+    def __init__(self, op: MaskedOperator) -> None:
+        self.op = op
+        self.orthonormal = False  # the real part of an orthonormal map is not orthonormal
+
+    def A(self, image: torch.Tensor) -> torch.Tensor:
+        return self.op.A(torch.cat([image, torch.zeros_like(image)], dim=1))
+
+    def A_adjoint(self, measurements: torch.Tensor) -> torch.Tensor:
+        return self.op.A_adjoint(measurements)[:, :1]
+
+    @property
+    def measurement_mask(self) -> torch.Tensor:
+        return self.op.measurement_mask
+
+    def mask_image(self) -> torch.Tensor:
+        return self.op.mask_image()
+
+    def restrict(self, keep: torch.Tensor) -> RealImage:
+        return RealImage(self.op.restrict(keep))

@@ -10,6 +10,8 @@ Keys:
     holdout_measured: hold-out examples of the measurement store used.
     heldout_observed_mse_t{t}: the training objective on hold-out measurements (error on
         entries the acquisition measured); needs no clean image.
+    recon_*: the reconstruct rule's metrics (see ambient_med/stages/reconstruct.py), e.g.
+        recon_diffusion_dc_R4_psnr, recon_cs_l1_R8_ssim_std, recon_zero_filled_R4_nrmse.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ambient_med.diffusion.denoising import heldout_observed_error, x0_predictio
 from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm
 from ambient_med.diffusion.training import to_image_channels
+from ambient_med.errors import AmbientMedError
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.stages.common import load_examples, load_model
 
@@ -44,6 +47,7 @@ def run(
     slices_path: Path,
     metrics_out: Path,
     measurements_path: Path | None = None,
+    reconstruction_path: Path | None = None,
 ) -> None:
     net, meta = load_model(model_path)
     limit = cfg["evaluate"]["max_slices"]
@@ -83,5 +87,13 @@ def run(
         for t, mse in errors.items():
             metrics[f"heldout_observed_mse_t{t}"] = mse
             log.info("t=%d: hold-out error on measured entries %.5f", t, mse)
+    if reconstruction_path is not None:
+        try:
+            recon = json.loads(Path(reconstruction_path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AmbientMedError(
+                f"reconstruction metrics '{reconstruction_path}': unreadable ({exc})"
+            ) from None
+        metrics |= {f"recon_{key}": value for key, value in recon.items()}
     with atomic_path(metrics_out) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
