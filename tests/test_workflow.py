@@ -87,7 +87,16 @@ def test_tiny_workflow_end_to_end(tmp_path):
         assert grid.format == "PNG"
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
     assert {"x0_mse_t10", "x0_mse_t50", "mode", "steps"} <= set(metrics)
-    for rule in ("ingest", "train", "sample", "evaluate"):
+    assert metrics["recon_diffusion_dc_R4_psnr"] > 0 and metrics["recon_cs_l1_R4_ssim"] > 0
+    import pydicom
+
+    files = results / "reconstruct" / "files"
+    assert any(files.glob("*_R4_diffusion_dc.nii.gz"))
+    dicom = next(files.glob("*_dicom"))
+    assert pydicom.dcmread(next(dicom.iterdir())).ImageType[0] == "DERIVED"
+    with Image.open(files / "panel_R4.png") as panel:
+        assert panel.format == "PNG"
+    for rule in ("ingest", "train", "sample", "reconstruct", "evaluate"):
         assert (results / "logs" / f"{rule}.log").exists()
         assert (results / "benchmarks" / f"{rule}.tsv").exists()
     # Nothing left to do: the same config reruns nothing.

@@ -153,6 +153,55 @@ def _panel(path: Path, columns: list[tuple[str, np.ndarray]], reference: np.ndar
         tmp.write_text(" | ".join(name for name, _ in columns) + "\n(bottom row: |error| x5)\n")
 
 
+def baselines(
+    acq: Acquisition,
+    op: MaskedOperator,
+    y: torch.Tensor,
+    validation: tuple[np.ndarray, list[str]],
+    lambdas: list[float],
+    tag: str,
+) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
+    """Zero-filled and L1-wavelet CS reconstructions of ``y``, λ chosen on ``validation``
+    (training-subject slices and their keys, never the hold-out).
+
+    Returns:
+        ({method: (N, H, W) magnitudes}, {method: seconds per slice}, chosen λ).
+    """
+    n = y.shape[0]
+    start = time.perf_counter()
+    results = {"zero_filled": _magnitude(op.A_adjoint(y))}
+    seconds = {"zero_filled": (time.perf_counter() - start) / n}
+    val_images, val_keys = validation
+    val_op = acq.operator(val_keys)
+    val_y = acq.measure(val_op, val_images, f"validation-{tag}")
+
+    def cs(i: int, lamda: float, op_=val_op, y_=val_y) -> np.ndarray:
+        return np.abs(l1_wavelet(*acq.numpy_kspace(op_, y_, i), lamda))
+
+    lamda, _ = choose_lambda(cs, list(val_images), lambdas)
+    start = time.perf_counter()
+    results["cs_l1"] = np.stack([cs(i, lamda, op, y) for i in range(n)]).astype(np.float32)
+    seconds["cs_l1"] = (time.perf_counter() - start) / n
+    return results, seconds, lamda
+
+
+def diffusion_methods(
+    net, meta: dict[str, Any], rc: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Reconstructions of ``y`` with each configured sampler, batched."""
+    results, seconds = {}, {}
+    n = y.shape[0]
+    for sampler in rc["samplers"]:
+        start = time.perf_counter()
+        parts = [
+            _diffusion(net, meta, rc, _subset(op, b), y[b], seed, sampler)
+            for b in _batches(n, rc["batch_size"])
+        ]
+        results[f"diffusion_{sampler}"] = np.concatenate(parts)
+        seconds[f"diffusion_{sampler}"] = (time.perf_counter() - start) / n
+    return results, seconds
+
+
 def run(
     cfg: dict[str, Any], model_path: Path, slices_path: Path, files_dir: Path, metrics_out: Path
 ) -> None:
@@ -174,7 +223,7 @@ def run(
     files_dir = Path(files_dir)
     files_dir.mkdir(parents=True, exist_ok=True)
     reference = store.images[holdout]
-    samplers = [s for s in rc["samplers"]]
+    samplers = list(rc["samplers"])
     metrics: dict[str, Any] = {
         "cohort": cfg["cohort"]["name"],
         "model_mode": meta["mode"],
@@ -188,37 +237,12 @@ def run(
         acq = Acquisition(rc, acceleration, size, seed)
         op = acq.operator([keys[r] for r in holdout])
         y = acq.measure(op, reference, f"holdout-{tag}")
-        results: dict[str, np.ndarray] = {}
-        seconds: dict[str, float] = {}
-
-        start = time.perf_counter()
-        results["zero_filled"] = _magnitude(op.A_adjoint(y))
-        seconds["zero_filled"] = (time.perf_counter() - start) / len(holdout)
-
-        # λ for CS from training-subject slices (never the hold-out).
-        val_op = acq.operator([keys[r] for r in validation])
-        val_y = acq.measure(val_op, store.images[validation], f"validation-{tag}")
-
-        def cs(i: int, lamda: float, op_=val_op, y_=val_y, acq_=acq) -> np.ndarray:
-            return np.abs(l1_wavelet(*acq_.numpy_kspace(op_, y_, i), lamda))
-
-        lamda, scores = choose_lambda(cs, list(store.images[validation]), list(rc["cs_lambdas"]))
+        val = (store.images[validation], [keys[r] for r in validation])
+        results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]), tag)
         metrics[f"cs_l1_{tag}_lambda"] = lamda
-        start = time.perf_counter()
-        results["cs_l1"] = np.stack([cs(i, lamda, op, y) for i in range(len(holdout))]).astype(
-            np.float32
-        )
-        seconds["cs_l1"] = (time.perf_counter() - start) / len(holdout)
-
-        for sampler in samplers:
-            start = time.perf_counter()
-            parts = [
-                _diffusion(net, meta, rc, _subset(op, b), y[b], seed, sampler)
-                for b in _batches(len(holdout), rc["batch_size"])
-            ]
-            results[f"diffusion_{sampler}"] = np.concatenate(parts)
-            seconds[f"diffusion_{sampler}"] = (time.perf_counter() - start) / len(holdout)
-
+        learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed)
+        results |= learned
+        seconds |= learned_seconds
         for method, images in results.items():
             per_slice = slice_metrics(reference, images)
             for name, values in per_slice.items():
