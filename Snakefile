@@ -18,6 +18,9 @@ from ambient_med.errors import AmbientMedError
 min_version("9.0")
 
 
+report: "config/report/workflow.rst"
+
+
 configfile: "config/config.yaml"
 
 
@@ -95,6 +98,7 @@ rule all:
         CORRUPTED,
         expand("results/{cohort}/sample/grid.png", cohort=COHORTS),
         expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
+        expand("results/{cohort}/eval/memorization.json", cohort=COHORTS),
         [
             f"results/{cohort}/reconstruct/metrics.json"
             for cohort in COHORTS
@@ -154,7 +158,14 @@ rule corrupt:
     input:
         corrupt_input,
     output:
-        "results/{cohort}/corrupt/{kind}.h5",
+        store="results/{cohort}/corrupt/{kind}.h5",
+        examples=report(
+            "results/{cohort}/corrupt/{kind}_examples.png",
+            caption="config/report/corrupt_examples.rst",
+            category="What training saw",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "corruption": "{kind}"},
+        ),
     log:
         "results/{cohort}/logs/corrupt_{kind}.log",
     benchmark:
@@ -168,8 +179,8 @@ rule corrupt:
         source=lambda wildcards: "--raw" if wildcards.kind == "native" else "--slices",
     shell:
         "ambient-med corrupt --cohort {wildcards.cohort} --config-json {params.cfg:q} "
-        "--threads {threads} --kind {wildcards.kind} {params.source} {input} --output {output} "
-        "2> {log}"
+        "--threads {threads} --kind {wildcards.kind} {params.source} {input} "
+        "--output {output.store} --examples {output.examples} 2> {log}"
 
 
 rule train_model:
@@ -178,6 +189,18 @@ rule train_model:
     output:
         model="results/{cohort}/train/model.pt",
         loss="results/{cohort}/train/loss.csv",
+        plot=report(
+            "results/{cohort}/train/loss.png",
+            caption="config/report/loss.rst",
+            category="Training",
+            subcategory="{cohort}",
+        ),
+        provenance=report(
+            "results/{cohort}/train/provenance.tsv",
+            caption="config/report/provenance.rst",
+            category="Provenance",
+            subcategory="{cohort}",
+        ),
     log:
         "results/{cohort}/logs/train.log",
     benchmark:
@@ -194,7 +217,8 @@ rule train_model:
     shell:
         "ambient-med train --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --input {input} --model {output.model} "
-        "--loss-log {output.loss} --checkpoints {params.checkpoints} 2> {log}"
+        "--loss-log {output.loss} --checkpoints {params.checkpoints} "
+        "--loss-plot {output.plot} --provenance {output.provenance} 2> {log}"
 
 
 rule sample:
@@ -203,7 +227,12 @@ rule sample:
         measurements=measurements,
     output:
         nifti="results/{cohort}/sample/samples.nii.gz",
-        grid="results/{cohort}/sample/grid.png",
+        grid=report(
+            "results/{cohort}/sample/grid.png",
+            caption="config/report/samples.rst",
+            category="Samples",
+            subcategory="{cohort}",
+        ),
     log:
         "results/{cohort}/logs/sample.log",
     benchmark:
@@ -225,7 +254,13 @@ rule reconstruct:
         model="results/{cohort}/train/model.pt",
         slices="results/{cohort}/ingest/slices.h5",
     output:
-        files=directory("results/{cohort}/reconstruct/files"),
+        files=report(
+            directory("results/{cohort}/reconstruct/files"),
+            patterns=["panel_{acceleration}.png"],
+            caption="config/report/reconstruction.rst",
+            category="Reconstruction",
+            subcategory="{cohort}",
+        ),
         metrics="results/{cohort}/reconstruct/metrics.json",
     log:
         "results/{cohort}/logs/reconstruct.log",
@@ -250,14 +285,57 @@ def reconstruction_metrics(wildcards):
     return []
 
 
+rule audit:
+    input:
+        samples="results/{cohort}/sample/samples.nii.gz",
+        slices="results/{cohort}/ingest/slices.h5",
+        measurements=measurements,
+    output:
+        memorization="results/{cohort}/eval/memorization.json",
+        table=report(
+            "results/{cohort}/eval/memorization.tsv",
+            caption="config/report/memorization.rst",
+            category="Memorization audit",
+            subcategory="{cohort}",
+        ),
+        figure=report(
+            "results/{cohort}/eval/closest_pairs.png",
+            caption="config/report/closest_pairs.rst",
+            category="Memorization audit",
+            subcategory="{cohort}",
+        ),
+    log:
+        "results/{cohort}/logs/audit.log",
+    benchmark:
+        "results/{cohort}/benchmarks/audit.tsv"
+    conda:
+        ENV
+    threads: 8
+    params:
+        version=__version__,
+        cfg=stage_params("audit"),
+    shell:
+        "ambient-med audit --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --samples {input.samples} --slices {input.slices} "
+        "--measurements {input.measurements} --memorization {output.memorization} "
+        "--figure {output.figure} --table {output.table} 2> {log}"
+
+
 rule evaluate:
     input:
         model="results/{cohort}/train/model.pt",
         slices="results/{cohort}/ingest/slices.h5",
         measurements=measurements,
+        samples="results/{cohort}/sample/samples.nii.gz",
         reconstruction=reconstruction_metrics,
     output:
-        "results/{cohort}/eval/metrics.json",
+        metrics="results/{cohort}/eval/metrics.json",
+        table=report(
+            "results/{cohort}/eval/metrics.tsv",
+            caption="config/report/metrics.rst",
+            category="Metrics",
+            subcategory="{cohort}",
+        ),
     log:
         "results/{cohort}/logs/evaluate.log",
     benchmark:
@@ -274,5 +352,6 @@ rule evaluate:
     shell:
         "ambient-med evaluate --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input.model} --slices {input.slices} "
-        "--measurements {input.measurements} --metrics {output} "
+        "--measurements {input.measurements} --samples {input.samples} "
+        "--metrics {output.metrics} --table {output.table} "
         "{params.reconstruction} 2> {log}"

@@ -37,6 +37,9 @@ STAGES: dict[str, str] = {
     "reconstruct": "Undersample hold-out scans retrospectively and reconstruct them with "
     "zero-filling, L1-wavelet compressed sensing and the diffusion prior (DC, DPS, one-step); "
     "write NIfTI, derived DICOM, PNG panels and PSNR/SSIM/NRMSE.",
+    "audit": "Memorization audit: nearest-training normalised cross-correlation of every "
+    "sample, with a threshold calibrated on held-out subjects; JSON and a figure of the "
+    "closest pairs.",
     "evaluate": "Measure a trained model on clean hold-out slices (x0-prediction error at "
     "several noise levels) into a flat metrics.json.",
 }
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["pixel", "kspace", "native"], required=True)
     p.add_argument("--slices", type=Path, default=None, help="slice store from ingest")
     p.add_argument("--raw", type=Path, default=None, help="raw k-space store (kind native)")
+    p.add_argument("--examples", type=Path, default=None, help="PNG of what training sees")
     p.add_argument("--output", type=Path, required=True, help="measurement store to write")
     p = parsers["train"]
     p.add_argument(
@@ -99,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="folder for resumable checkpoints (not a Snakemake output: kept on failure)",
     )
+    p.add_argument("--loss-plot", type=Path, default=None, help="PNG of the loss curve")
+    p.add_argument("--provenance", type=Path, default=None, help="TSV of versions and hashes")
     p = parsers["sample"]
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--nifti", type=Path, required=True, help="samples as a NIfTI volume")
@@ -111,7 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=Path, required=True, help="slice store (hold-out split used)")
     p.add_argument("--files", type=Path, required=True, help="folder for NIfTI/DICOM/PNG outputs")
     p.add_argument("--metrics", type=Path, required=True, help="reconstruction metrics JSON")
+    p = parsers["audit"]
+    p.add_argument("--samples", type=Path, required=True, help="samples NIfTI of `sample`")
+    p.add_argument("--slices", type=Path, required=True, help="slice store (train/hold-out)")
+    p.add_argument("--memorization", type=Path, required=True, help="JSON to write")
+    p.add_argument("--figure", type=Path, required=True, help="closest-pairs PNG to write")
+    p.add_argument("--table", type=Path, default=None, help="the JSON as a TSV table")
+    p.add_argument(
+        "--measurements",
+        type=Path,
+        default=None,
+        help="measurement store: zero-filled references when there is no clean image",
+    )
     p = parsers["evaluate"]
+    p.add_argument("--samples", type=Path, default=None, help="adds generation-quality metrics")
+    p.add_argument("--table", type=Path, default=None, help="the metrics as a TSV table")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--slices", type=Path, required=True, help="slice store (hold-out split used)")
     p.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
@@ -158,12 +178,20 @@ def _dispatch(args: argparse.Namespace) -> None:
         from ambient_med.stages import corrupt
 
         cfg = _stage_cfg(args, "corrupt")
-        corrupt.run(cfg, args.kind, args.slices, args.output, args.raw)
+        corrupt.run(cfg, args.kind, args.slices, args.output, args.raw, args.examples)
     elif stage == "train":
         from ambient_med.stages import train
 
         cfg = _stage_cfg(args, "train")
-        train.run(cfg, args.input, args.model, args.loss_log, args.checkpoints)
+        train.run(
+            cfg,
+            args.input,
+            args.model,
+            args.loss_log,
+            args.checkpoints,
+            loss_plot=args.loss_plot,
+            provenance_table=args.provenance,
+        )
     elif stage == "sample":
         from ambient_med.stages import sample
 
@@ -174,12 +202,34 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         cfg = _stage_cfg(args, "reconstruct")
         reconstruct.run(cfg, args.model, args.slices, args.files, args.metrics)
+    elif stage == "audit":
+        from ambient_med.stages import audit
+
+        cfg = _stage_cfg(args, "audit")
+        kind = cfg["cohort"]["corruption"]
+        audit.run(
+            cfg,
+            args.samples,
+            args.slices,
+            args.memorization,
+            args.figure,
+            args.measurements,
+            kind,
+            args.table,
+        )
     elif stage == "evaluate":
         from ambient_med.stages import evaluate
 
         cfg = _stage_cfg(args, "evaluate")
         evaluate.run(
-            cfg, args.model, args.slices, args.metrics, args.measurements, args.reconstruction
+            cfg,
+            args.model,
+            args.slices,
+            args.metrics,
+            args.measurements,
+            args.reconstruction,
+            args.samples,
+            args.table,
         )
 
 

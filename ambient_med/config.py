@@ -31,6 +31,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("corrupt", "model", "scheduler", "train"),
     "sample": ("sample",),
     "reconstruct": ("reconstruct",),
+    "audit": ("audit",),
     "evaluate": ("evaluate",),
 }
 

@@ -96,7 +96,26 @@ def test_tiny_workflow_end_to_end(tmp_path):
     assert pydicom.dcmread(next(dicom.iterdir())).ImageType[0] == "DERIVED"
     with Image.open(files / "panel_R4.png") as panel:
         assert panel.format == "PNG"
-    for rule in ("ingest", "train", "sample", "reconstruct", "evaluate"):
+    memorization = json.loads((results / "eval" / "memorization.json").read_text())
+    assert {"threshold", "frac_above", "q99"} <= set(memorization)
+    assert "gen_frechet_random_features" in metrics
+    for png in ("corrupt/kspace_examples.png", "train/loss.png", "eval/closest_pairs.png"):
+        with Image.open(results / png) as picture:
+            assert picture.format == "PNG"
+    report = _snakemake(work, "--report", "report.html", "--configfile", "config/tiny.yaml")
+    assert report.returncode == 0
+    html = (work / "report.html").read_text(errors="replace")
+    for section in (
+        "What training saw",
+        "Training",
+        "Samples",
+        "Reconstruction",
+        "Memorization audit",
+        "Metrics",
+        "Provenance",
+    ):
+        assert section in html, section
+    for rule in ("ingest", "train", "sample", "reconstruct", "audit", "evaluate"):
         assert (results / "logs" / f"{rule}.log").exists()
         assert (results / "benchmarks" / f"{rule}.tsv").exists()
     # Nothing left to do: the same config reruns nothing.

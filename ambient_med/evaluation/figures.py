@@ -42,3 +42,48 @@ def save_grid(path: str | Path, images: np.ndarray, columns: int = 4, upscale: i
             (canvas.shape[1] * upscale, canvas.shape[0] * upscale), Image.Resampling.NEAREST
         )
     picture.save(path, format="PNG")
+
+
+def line_plot(
+    path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    title: str,
+    size: tuple[int, int] = (640, 320),
+    smooth: int = 25,
+) -> None:
+    """A minimal PNG line plot (Pillow only): raw values in grey, a moving average in black,
+    the y range from the 1st to the 99th percentile, axis labels with their extremes."""
+    from PIL import ImageDraw
+
+    width, height = size
+    margin = 48
+    picture = Image.new("L", size, 255)
+    draw = ImageDraw.Draw(picture)
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if len(x) == 0:
+        picture.save(path, format="PNG")
+        return
+    lo, hi = np.percentile(y, 1), np.percentile(y, 99)
+    hi = hi if hi > lo else lo + 1.0
+    x_span = (x.max() - x.min()) or 1.0
+
+    def point(xv: float, yv: float) -> tuple[float, float]:
+        px = margin + (xv - x.min()) / x_span * (width - 2 * margin)
+        py = height - margin - (np.clip(yv, lo, hi) - lo) / (hi - lo) * (height - 2 * margin)
+        return float(px), float(py)
+
+    draw.rectangle([margin, margin, width - margin, height - margin], outline=0)
+    draw.line([point(a, b) for a, b in zip(x, y, strict=True)], fill=170, width=1)
+    if len(y) >= smooth:
+        kernel = np.ones(smooth) / smooth
+        averaged = np.convolve(y, kernel, mode="valid")
+        xs = x[smooth - 1 :]
+        draw.line([point(a, b) for a, b in zip(xs, averaged, strict=True)], fill=0, width=2)
+    draw.text((margin, 10), title, fill=0)
+    draw.text((4, margin - 6), f"{hi:.3g}", fill=0)
+    draw.text((4, height - margin - 6), f"{lo:.3g}", fill=0)
+    draw.text((margin, height - margin + 8), f"{x.min():g}", fill=0)
+    draw.text((width - margin - 30, height - margin + 8), f"{x.max():g}", fill=0)
+    picture.save(path, format="PNG")

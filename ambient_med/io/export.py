@@ -111,3 +111,22 @@ def write_derived_series(
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
+
+
+def write_table(path: str | Path, record: dict) -> None:
+    """A flat record as a two-column TSV (key, value): Snakemake's report shows it as a table."""
+    lines = ["key\tvalue"]
+    for key in sorted(record):
+        value = record[key]
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        lines.append(f"{key}\t{value}")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def write_line_plot(path: str | Path, x, y, title: str) -> None:
+    from ambient_med.evaluation.figures import line_plot
+
+    with atomic_path(path) as tmp:
+        line_plot(tmp, x, y, title)

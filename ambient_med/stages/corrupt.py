@@ -16,6 +16,7 @@ import torch
 
 from ambient_med.diffusion.training import to_image_channels
 from ambient_med.errors import AmbientMedError
+from ambient_med.io.export import write_png_grid
 from ambient_med.io.store import (
     MeasurementStore,
     read_raw_store,
@@ -30,7 +31,26 @@ log = logging.getLogger(__name__)
 KINDS = ("pixel", "kspace", "native")
 
 
-def run_native(cfg: dict[str, Any], raw_path: Path, output: Path) -> None:
+def _examples(store: MeasurementStore, kind: str, path: Path, count: int = 8) -> None:
+    """What training sees, for the report: zero-filled images (pixel, k-space) or, for raw
+    data, log-magnitude k-space (coil root-sum-of-squares) — never a clean image."""
+    rows = store.index.rows("train")
+    rows = rows[np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int)]
+    if kind == "native":
+        kspace = np.abs(store.measurements[rows])
+        tiles = np.log1p(np.sqrt((kspace**2).sum(axis=1)) * 100.0)
+    else:
+        mask = torch.from_numpy(store.mask[rows].astype(bool))
+        y = torch.from_numpy(store.measurements[rows])
+        height = y.shape[-2]
+        op = PixelMask(mask[:, None]) if kind == "pixel" else SingleCoilFourier(mask, height)
+        tiles = op.A_adjoint(y).square().sum(dim=1).sqrt().numpy()
+    write_png_grid(path, tiles, columns=4)
+
+
+def run_native(
+    cfg: dict[str, Any], raw_path: Path, output: Path, examples: Path | None = None
+) -> None:
     """Kind ``native``: the raw acquisition exactly as it is — A = M F S with the acquired
     line mask M and the ESPIRiT maps S of ingest. Nothing is added or removed."""
     raw = read_raw_store(raw_path)
@@ -54,6 +74,8 @@ def run_native(cfg: dict[str, Any], raw_path: Path, output: Path) -> None:
     }
     store = MeasurementStore(measurements, raw.mask, raw.index, attrs, maps=raw.maps)
     write_measurements(output, store)
+    if examples is not None:
+        _examples(store, "native", examples)
     log.info(
         "native: %d slices, %d coils, acquired fraction %.3f (acceleration %.2f)",
         len(raw.kspace),
@@ -64,14 +86,19 @@ def run_native(cfg: dict[str, Any], raw_path: Path, output: Path) -> None:
 
 
 def run(
-    cfg: dict[str, Any], kind: str, slices_path: Path, output: Path, raw_path: Path | None = None
+    cfg: dict[str, Any],
+    kind: str,
+    slices_path: Path,
+    output: Path,
+    raw_path: Path | None = None,
+    examples: Path | None = None,
 ) -> None:
     if kind not in KINDS:
         raise AmbientMedError(f"corruption kind '{kind}': expected one of {KINDS}")
     if kind == "native":
         if raw_path is None:
             raise AmbientMedError("corruption kind 'native' needs the raw k-space store (--raw)")
-        run_native(cfg, raw_path, output)
+        run_native(cfg, raw_path, output, examples)
         return
     store = read_slices(slices_path)
     if len(store.images) == 0:
@@ -118,7 +145,10 @@ def run(
         "image_size": height,
         "observed_fraction": float(observed),
     }
-    write_measurements(output, MeasurementStore(measurements, masks, store.index, attrs))
+    result = MeasurementStore(measurements, masks, store.index, attrs)
+    write_measurements(output, result)
+    if examples is not None:
+        _examples(result, kind, examples)
     log.info(
         "%s: %d slices, observed fraction %.3f (effective acceleration %.2f)",
         kind,

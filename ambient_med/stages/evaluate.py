@@ -10,6 +10,8 @@ Keys:
     holdout_measured: hold-out examples of the measurement store used.
     heldout_observed_mse_t{t}: the training objective on hold-out measurements (error on
         entries the acquisition measured); needs no clean image.
+    gen_mmd_pixels, gen_frechet_random_features: generation quality of the `sample` rule's
+        samples against hold-out slices (see ambient_med/evaluation/generation.py).
     recon_*: the reconstruct rule's metrics (see ambient_med/stages/reconstruct.py), e.g.
         recon_diffusion_dc_R4_psnr, recon_cs_l1_R8_ssim_std, recon_zero_filled_R4_nrmse.
 """
@@ -21,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from ambient_med.diffusion.denoising import heldout_observed_error, x0_prediction_error
@@ -28,6 +31,8 @@ from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm
 from ambient_med.diffusion.training import to_image_channels
 from ambient_med.errors import AmbientMedError
+from ambient_med.evaluation.generation import generation_metrics
+from ambient_med.io.export import write_table
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.stages.common import load_examples, load_model
 
@@ -48,6 +53,8 @@ def run(
     metrics_out: Path,
     measurements_path: Path | None = None,
     reconstruction_path: Path | None = None,
+    samples_path: Path | None = None,
+    table_out: Path | None = None,
 ) -> None:
     net, meta = load_model(model_path)
     limit = cfg["evaluate"]["max_slices"]
@@ -87,6 +94,11 @@ def run(
         for t, mse in errors.items():
             metrics[f"heldout_observed_mse_t{t}"] = mse
             log.info("t=%d: hold-out error on measured entries %.5f", t, mse)
+    if samples_path is not None and len(store.index.rows("holdout")):
+        samples = np.moveaxis(np.asarray(nib.load(str(samples_path)).dataobj, np.float32), -1, 0)
+        holdout_images = store.images[store.index.rows("holdout")]
+        if samples.shape[1:] == holdout_images.shape[1:] and len(samples) > 1:
+            metrics |= generation_metrics(samples, holdout_images, seed)
     if reconstruction_path is not None:
         try:
             recon = json.loads(Path(reconstruction_path).read_text())
@@ -97,3 +109,5 @@ def run(
         metrics |= {f"recon_{key}": value for key, value in recon.items()}
     with atomic_path(metrics_out) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if table_out is not None:
+        write_table(table_out, metrics)

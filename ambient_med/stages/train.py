@@ -25,6 +25,7 @@ from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm, build_denoiser
 from ambient_med.diffusion.training import Trainer, TrainingSet
 from ambient_med.errors import AmbientMedError
+from ambient_med.io.export import write_line_plot, write_table
 from ambient_med.io.store import atomic_path, load_torch, save_torch, sha256_file
 from ambient_med.stages.common import MODEL_FORMAT, load_examples
 
@@ -107,6 +108,8 @@ def run(
     loss_out: Path,
     checkpoint_dir: Path,
     stop_after: int | None = None,
+    loss_plot: Path | None = None,
+    provenance_table: Path | None = None,
 ) -> None:
     """Trains to ``train.steps``; ``stop_after`` ends early (tests of resumption)."""
     train_cfg = cfg["train"]
@@ -194,7 +197,17 @@ def run(
     save_torch(model_out, model)
     with atomic_path(loss_out) as tmp:
         tmp.write_bytes(loss_log.read_bytes())
-    final = np.loadtxt(loss_log, delimiter=",", skiprows=1, usecols=1, ndmin=1)
+    history = np.loadtxt(loss_log, delimiter=",", skiprows=1, ndmin=2)
+    final = history[:, 1]
+    if loss_plot is not None:
+        mode = cfg["cohort"]["train_mode"]
+        write_line_plot(loss_plot, history[:, 0], final, f"{mode}/{kind} training loss per step")
+    if provenance_table is not None:
+        record = {f"version_{k}": v for k, v in prov["versions"].items()}
+        record |= {f"input_sha256_{k}": v for k, v in prov["inputs"].items()}
+        record |= {"config_sha256": prov["config_sha256"], "steps": trainer.step}
+        record |= {"mode": cfg["cohort"]["train_mode"], "kind": kind}
+        write_table(provenance_table, record)
     log.info("done: %d steps, mean loss of the last 50 steps %.5f", total, final[-50:].mean())
 
 
