@@ -60,8 +60,8 @@ def test_dicom_series_matches_its_source_geometry_and_intensities(demo_dir, sour
     volume = parts[0]
     assert volume.data.shape == sources_[1].shape
     np.testing.assert_allclose(volume.affine, affine, atol=1e-3)
-    # int16 storage with RescaleSlope 0.05: at most half a step of quantisation error.
-    np.testing.assert_allclose(volume.data, sources_[1], atol=0.0251)
+    # int16 storage with RescaleSlope 0.05: half a step of quantisation error, plus float noise.
+    np.testing.assert_allclose(volume.data, sources_[1], atol=0.026)
 
 
 def test_dicom_refuses_duplicate_positions(demo_dir):
