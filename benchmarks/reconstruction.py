@@ -56,6 +56,11 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["dc", "dps", "one_step"])
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--gpu", action="store_true", help="GPU-sized run: longer everything")
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train even where the work folder already holds a model (default: reuse it)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -84,8 +89,11 @@ def main() -> None:
         out = work / f"{mode}_kspace"
         source = slices if mode == "clean" else measurements
         cfg = stage_config(config, "demo", "train")
-        train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
+        if args.retrain or not (out / "model.pt").exists():
+            train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
         models[mode] = load_model(out / "model.pt")
+        if models[mode][1]["steps"] != config["train"]["steps"]:
+            raise SystemExit(f"{out / 'model.pt'} has {models[mode][1]['steps']} steps: --retrain")
 
     store = read_slices(slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)

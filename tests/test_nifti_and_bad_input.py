@@ -115,3 +115,26 @@ def test_inputs_are_never_written(tmp_path):
         folder.chmod(0o755)
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
     assert before == after
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from ambient_med.io.store import atomic_path
+
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_interrupted_writer_leaves_nothing(tmp_path):
+    from ambient_med.io.store import atomic_path
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
