@@ -53,3 +53,25 @@ def write_results(name: str, started: float, rows: list[dict[str, Any]]) -> Path
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def start(threads: int) -> float:
+    """Logging and torch threads as every benchmark sets them; returns the start time."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(threads)
+    return time.time()
+
+
+def demo_slices(config: dict, work: Path, name: str = "slices.h5") -> Path:
+    """The demo cohort's inputs and slice store under ``work``, made once and reused."""
+    from ambient_med.config import stage_config
+    from ambient_med.stages import demo_data, ingest
+
+    inputs, slices = work / "inputs", work / name
+    if not inputs.exists():
+        demo_data.run(stage_config(config, "demo", "demo_data"), inputs)
+    if not slices.exists():
+        ingest.run(stage_config(config, "demo", "ingest"), inputs, slices, work / "manifest.csv")
+    return slices

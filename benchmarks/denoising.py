@@ -21,17 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import demo_slices, start, write_results  # noqa: E402
 
 from ambient_med.config import load_config, stage_config  # noqa: E402
 from ambient_med.diffusion.denoising import x0_prediction_error  # noqa: E402
 from ambient_med.diffusion.model import build_ddpm  # noqa: E402
 from ambient_med.diffusion.training import to_image_channels  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages import corrupt, demo_data, ingest, train  # noqa: E402
+from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import load_model  # noqa: E402
 
 
@@ -42,20 +40,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/work/denoising"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    started = time.time()
+    started = start(args.threads)
 
     config = load_config(args.config)
     if args.steps:
         config["train"]["steps"] = args.steps
     config["train"]["checkpoint_every"] = config["train"]["steps"]
     work = args.workdir
-    inputs, slices = work / "inputs", work / "slices.h5"
-    if not inputs.exists():
-        demo_data.run(stage_config(config, "demo", "demo_data"), inputs)
-    if not slices.exists():
-        ingest.run(stage_config(config, "demo", "ingest"), inputs, slices, work / "manifest.csv")
+    slices = demo_slices(config, work)
     store = read_slices(slices)
     holdout = store.images[store.index.rows("holdout")]
     timesteps = config["evaluate"]["timesteps"]

@@ -21,21 +21,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_kind, write_results  # noqa: E402
+from common import RESULTS, demo_slices, machine_kind, start, write_results  # noqa: E402
 
 from ambient_med.config import load_config, stage_config  # noqa: E402
 from ambient_med.evaluation.audit import memorization_audit  # noqa: E402
 from ambient_med.evaluation.figures import grid_image  # noqa: E402
 from ambient_med.evaluation.metrics import slice_metrics  # noqa: E402
 from ambient_med.io.store import SliceIndex, SliceStore, read_slices, write_slices  # noqa: E402
-from ambient_med.stages import corrupt, demo_data, ingest, train  # noqa: E402
+from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import example_keys, load_model  # noqa: E402
 from ambient_med.stages.reconstruct import Acquisition, _spread, diffusion_methods  # noqa: E402
 from ambient_med.stages.sample import generate, magnitude  # noqa: E402
@@ -108,9 +106,7 @@ def main() -> None:
     parser.add_argument("--b-redraw", choices=["fixed", "redraw", "both"], default="fixed")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    started = time.time()
+    started = start(args.threads)
     config = load_config(args.config)
     config["ingest"]["image_size"] = 32
     config["corrupt"]["pixel"]["p"] = 0.9
@@ -122,11 +118,7 @@ def main() -> None:
     }
     config["sample"] |= {"num_samples": args.samples, "steps": 50}
     work = args.workdir
-    inputs, full = work / "inputs", work / "slices32.h5"
-    if not inputs.exists():
-        demo_data.run(stage_config(config, "demo", "demo_data"), inputs)
-    if not full.exists():
-        ingest.run(stage_config(config, "demo", "ingest"), inputs, full, work / "manifest.csv")
+    full = demo_slices(config, work, "slices32.h5")
     store = read_slices(full)
     redraws = {"fixed": [False], "redraw": [True], "both": [False, True]}[args.b_redraw]
     seed = config["cohorts"]["demo"]["seed"]

@@ -22,18 +22,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_kind, write_results  # noqa: E402
+from common import RESULTS, demo_slices, machine_kind, start, write_results  # noqa: E402
 
 from ambient_med.config import load_config, stage_config  # noqa: E402
 from ambient_med.evaluation.metrics import slice_metrics  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages import corrupt, demo_data, ingest, train  # noqa: E402
+from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import example_keys, load_model  # noqa: E402
 from ambient_med.stages.reconstruct import (  # noqa: E402
     Acquisition,
@@ -63,9 +60,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    started = time.time()
+    started = start(args.threads)
     config = load_config(args.config)
     if args.gpu:
         config["train"] |= {"steps": 20000, "batch_size": 32, "device": "cuda"}
@@ -75,11 +70,7 @@ def main() -> None:
     config["train"]["checkpoint_every"] = config["train"]["steps"]
 
     work = args.workdir
-    inputs, slices = work / "inputs", work / "slices.h5"
-    if not inputs.exists():
-        demo_data.run(stage_config(config, "demo", "demo_data"), inputs)
-    if not slices.exists():
-        ingest.run(stage_config(config, "demo", "ingest"), inputs, slices, work / "manifest.csv")
+    slices = demo_slices(config, work)
     measurements = work / "kspace.h5"
     if not measurements.exists():
         corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
