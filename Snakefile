@@ -99,11 +99,7 @@ rule all:
         expand("results/{cohort}/sample/grid.png", cohort=COHORTS),
         expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
         expand("results/{cohort}/eval/memorization.json", cohort=COHORTS),
-        [
-            f"results/{cohort}/reconstruct/metrics.json"
-            for cohort in COHORTS
-            if config["cohorts"][cohort]["source"] == "images"
-        ],
+        expand("results/{cohort}/reconstruct/metrics.json", cohort=COHORTS),
     localrule: True
 
 
@@ -249,10 +245,17 @@ rule sample:
         "--nifti {output.nifti} --grid {output.grid} 2> {log}"
 
 
+def new_scans(wildcards):
+    """The folder of new raw k-space files to reconstruct, when configured."""
+    folder = config["reconstruct"]["input"]
+    return [folder] if folder else []
+
+
 rule reconstruct:
     input:
         model="results/{cohort}/train/model.pt",
         slices="results/{cohort}/ingest/slices.h5",
+        new_scans=new_scans,
     output:
         files=report(
             directory("results/{cohort}/reconstruct/files"),
@@ -276,13 +279,6 @@ rule reconstruct:
         "ambient-med reconstruct --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input.model} --slices {input.slices} "
         "--files {output.files} --metrics {output.metrics} 2> {log}"
-
-
-def reconstruction_metrics(wildcards):
-    """Image cohorts have clean hold-out references to reconstruct against."""
-    if config["cohorts"][wildcards.cohort]["source"] == "images":
-        return [f"results/{wildcards.cohort}/reconstruct/metrics.json"]
-    return []
 
 
 rule audit:
@@ -327,7 +323,7 @@ rule evaluate:
         slices="results/{cohort}/ingest/slices.h5",
         measurements=measurements,
         samples="results/{cohort}/sample/samples.nii.gz",
-        reconstruction=reconstruction_metrics,
+        reconstruction="results/{cohort}/reconstruct/metrics.json",
     output:
         metrics="results/{cohort}/eval/metrics.json",
         table=report(
@@ -346,12 +342,9 @@ rule evaluate:
     params:
         version=__version__,
         cfg=stage_params("evaluate"),
-        reconstruction=lambda wildcards, input: (
-            f"--reconstruction {input.reconstruction}" if input.reconstruction else ""
-        ),
     shell:
         "ambient-med evaluate --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --model {input.model} --slices {input.slices} "
         "--measurements {input.measurements} --samples {input.samples} "
         "--metrics {output.metrics} --table {output.table} "
-        "{params.reconstruction} 2> {log}"
+        "--reconstruction {input.reconstruction} 2> {log}"

@@ -210,3 +210,50 @@ def fit_kspace(
     out[..., dst_h, dst_w] = kspace[..., src_h, src_w]
     mask[..., dst_w] = line_mask[..., src_w]
     return out, mask
+
+
+def calibrate(
+    kspace: np.ndarray, line_mask: np.ndarray, crop: float, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Coil maps, scaled k-space and — for fully sampled data only — magnitude images.
+
+    Maps are ESPIRiT's from the ACS lines of each slice (ones for single-coil data). Scaling
+    convention, the same at training and at reconstruction: k-space is divided by the 99th
+    percentile of the ACS-only SENSE-combined image magnitude of the whole acquisition, which
+    needs nothing beyond what was acquired.
+
+    Args:
+        kspace: ``(slices, coils, H, W)`` complex; line_mask: ``(slices, W)``.
+
+    Returns:
+        ``(maps, kspace / scale, images or None)`` — images ``(slices, H, W)`` only when every
+        line was acquired.
+    """
+    import torch
+
+    from ambient_med.physics.coils import espirit_maps
+    from ambient_med.physics.masks import acs_lines
+    from ambient_med.physics.operators import MultiCoilSense
+
+    slices, coils = kspace.shape[:2]
+    if coils == 1:
+        maps = np.ones_like(kspace)
+    else:
+        try:
+            maps = np.stack([espirit_maps(kspace[s], line_mask[s], crop) for s in range(slices)])
+        except AmbientMedError as exc:
+            raise AmbientMedError(f"'{name}': {exc}") from None
+    acs = acs_lines(torch.from_numpy(line_mask))
+    maps_t = torch.from_numpy(maps)
+    measured = torch.view_as_real(torch.from_numpy(kspace))
+    magnitude = MultiCoilSense(acs, maps_t).A_adjoint(measured).square().sum(1).sqrt()
+    # A strided subset keeps torch.quantile within its input-size limit on large volumes.
+    sample = magnitude.flatten()[:: max(1, magnitude.numel() // 100000)]
+    scale = float(torch.quantile(sample, 0.99))
+    if scale <= 0:
+        raise AmbientMedError(f"'{name}': the ACS lines hold no signal")
+    images = None
+    if bool(line_mask.all()):
+        full = MultiCoilSense(torch.from_numpy(line_mask), maps_t).A_adjoint(measured / scale)
+        images = full.square().sum(1).sqrt().numpy().astype(np.float32)
+    return maps.astype(np.complex64), (kspace / scale).astype(np.complex64), images

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ambient_med.errors import AmbientMedError
 from ambient_med.io.dicom import assemble_series, group_series, read_header
 from ambient_med.io.identity import pseudonym, site_secret
-from ambient_med.io.kspace import fit_kspace, is_raw, read_raw
+from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.nifti import is_nifti, read_nifti
 from ambient_med.io.slicing import axial_slices
 from ambient_med.io.store import (
@@ -32,9 +31,7 @@ from ambient_med.io.store import (
     write_raw,
     write_slices,
 )
-from ambient_med.physics.coils import espirit_maps
 from ambient_med.physics.masks import derive_seed
-from ambient_med.physics.operators import MultiCoilSense
 
 log = logging.getLogger(__name__)
 
@@ -158,38 +155,6 @@ def _split(subjects: list[str], holdout: int, seed: int, cohort: str) -> dict[st
     return {s: ("holdout" if i < holdout else "train") for i, s in enumerate(ranked)}
 
 
-def _raw_slices(volume: Volume, crop: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Coil maps, scaled k-space and — for fully sampled data only — magnitude images.
-
-    Scaling convention (the same at training and reconstruction): k-space is divided by the
-    99th percentile of the ACS-only SENSE-combined image magnitude of the volume, which
-    needs nothing beyond what was acquired.
-    """
-    kspace, lines = volume.kspace, volume.line_mask
-    assert kspace is not None and lines is not None
-    slices, coils, height, width = kspace.shape
-    if coils == 1:
-        maps = np.ones_like(kspace)
-    else:
-        maps = np.stack([espirit_maps(kspace[s], lines[s], crop) for s in range(slices)])
-    from ambient_med.physics.masks import acs_lines
-
-    acs = acs_lines(torch.from_numpy(lines))
-    maps_t = torch.from_numpy(maps)
-    measured = torch.view_as_real(torch.from_numpy(kspace))
-    acs_image = MultiCoilSense(acs, maps_t).A_adjoint(measured)
-    magnitude = acs_image.square().sum(1).sqrt()
-    scale = float(torch.quantile(magnitude.flatten()[:: max(1, magnitude.numel() // 100000)], 0.99))
-    if scale <= 0:
-        raise AmbientMedError(f"'{volume.files[0].name}': the ACS lines hold no signal")
-    kspace = kspace / scale
-    images = None
-    if bool(lines.all()):
-        full = MultiCoilSense(torch.from_numpy(lines), maps_t).A_adjoint(measured / scale)
-        images = full.square().sum(1).sqrt().numpy().astype(np.float32)
-    return maps.astype(np.complex64), kspace.astype(np.complex64), images
-
-
 def run(
     cfg: dict[str, Any],
     input_dir: Path,
@@ -223,7 +188,9 @@ def run(
     affines, per_volume_slices = [], []
     for v, volume in enumerate(volumes):
         if volume.kspace is not None:
-            maps, kspace, images = _raw_slices(volume, ingest["espirit_crop"])
+            maps, kspace, images = calibrate(
+                volume.kspace, volume.line_mask, ingest["espirit_crop"], volume.files[0].name
+            )
             n = kspace.shape[0]
             raw_rows["kspace"].append(kspace)
             raw_rows["mask"].append(volume.line_mask)

@@ -10,6 +10,9 @@ measurements are then reconstructed by:
 - ``diffusion_<sampler>``: the trained model as a prior — ``dc`` (data consistency, no
   gradient through the network), ``dps`` (Ambient DPS) and ``one_step``.
 
+With ``reconstruct.input`` set, every raw k-space file of that folder (new undersampled
+scans, fastMRI HDF5 or ISMRMRD) is also reconstructed as acquired, without a reference.
+
 Writes, under ``reconstruct/files/``: one NIfTI per volume, method and R (the volume's
 grid affine), a derived DICOM series of the first diffusion sampler per volume and R, and a
 PNG panel per R (reference | zero-filled | CS | diffusion, with error maps); and
@@ -36,6 +39,7 @@ from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.figures import display_orientation
 from ambient_med.evaluation.metrics import slice_metrics
 from ambient_med.io.export import write_derived_series, write_slice_volume
+from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.physics.coils import birdcage
 from ambient_med.physics.masks import LineMaskFunc, derive_seed
@@ -202,36 +206,88 @@ def diffusion_methods(
     return results, seconds
 
 
+def reconstruct_new_files(
+    net, meta: dict[str, Any], cfg: dict[str, Any], folder: Path, files_dir: Path
+) -> int:
+    """Reconstructs every raw k-space file of ``folder`` as acquired (no reference exists).
+
+    Each file is prepared exactly as ingest prepares training data (centre crop to the
+    model's size, ESPIRiT maps from the ACS lines, the ACS-based scaling), then reconstructed
+    by zero-filling, CS (the middle candidate λ: there is no reference to choose it on) and
+    the diffusion samplers. Outputs: NIfTI per method, a derived DICOM series of the first
+    sampler, a PNG panel (zero-filled | CS | samplers). Returns the number of files.
+    """
+    rc = cfg["reconstruct"]
+    seed = cfg["cohort"]["seed"]
+    size = int(meta["image_size"])
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and is_raw(p))
+    if not files:
+        raise AmbientMedError(f"config key 'reconstruct.input': no raw k-space file in '{folder}'")
+    lamda = sorted(rc["cs_lambdas"])[len(rc["cs_lambdas"]) // 2]
+    samplers = list(rc["samplers"])
+    for number, path in enumerate(files):
+        raw = read_raw(path, 10**10)
+        kspace, lines = fit_kspace(raw.kspace, raw.line_mask, size)
+        maps, kspace, _ = calibrate(kspace, lines, 0.0, path.name)
+        op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
+        y = torch.view_as_real(torch.from_numpy(kspace)).float()
+        results = {"zero_filled": _magnitude(op.A_adjoint(y))}
+        results["cs_l1"] = np.stack(
+            [np.abs(l1_wavelet(kspace[s], maps[s], lines[s], lamda)) for s in range(len(kspace))]
+        ).astype(np.float32)
+        learned, _ = diffusion_methods(net, meta, rc, op, y, seed)
+        results |= learned
+        name = f"new{number:03d}"
+        for method, images in results.items():
+            write_slice_volume(files_dir / f"{name}_{method}.nii.gz", images, np.eye(4))
+        primary = f"diffusion_{samplers[0]}" if samplers else "cs_l1"
+        write_derived_series(
+            files_dir / f"{name}_{primary}_dicom",
+            results[primary],
+            np.eye(4),
+            name,
+            f"ambient-med {primary}",
+            f"{seed}/{name}/{primary}",
+        )
+        middle = len(kspace) // 2
+        columns = [(m, images[middle]) for m, images in results.items()]
+        _panel(files_dir / f"panel_{name}.png", columns, results["zero_filled"][middle])
+        log.info("%s: %d slices reconstructed (%s)", name, len(kspace), path.name)
+    return len(files)
+
+
 def run(
     cfg: dict[str, Any], model_path: Path, slices_path: Path, files_dir: Path, metrics_out: Path
 ) -> None:
     net, meta = load_model(model_path)
-    if meta["kind"] == "native":
-        raise AmbientMedError(
-            "reconstruct: native-k-space cohorts have no clean hold-out reference; "
-            "reconstruction of new raw files is not supported yet"
-        )
     rc = cfg["reconstruct"]
     seed = cfg["cohort"]["seed"]
-    store = read_slices(slices_path)
-    size = store.images.shape[-1]
-    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    holdout = _spread(store.index.rows("holdout"), rc["max_slices"])
-    validation = _spread(store.index.rows("train"), rc["validation_slices"])
-    if len(holdout) == 0:
-        raise AmbientMedError(f"slice store '{slices_path}': no hold-out slice to reconstruct")
     files_dir = Path(files_dir)
     files_dir.mkdir(parents=True, exist_ok=True)
-    reference = store.images[holdout]
-    samplers = list(rc["samplers"])
     metrics: dict[str, Any] = {
         "cohort": cfg["cohort"]["name"],
         "model_mode": meta["mode"],
         "model_kind": meta["kind"],
         "coils": rc["coils"],
         "noise_sigma": rc["noise_sigma"],
-        "holdout_slices": len(holdout),
+        "holdout_slices": 0,
     }
+    if rc["input"]:
+        metrics["new_files"] = reconstruct_new_files(net, meta, cfg, Path(rc["input"]), files_dir)
+    store = read_slices(slices_path)
+    holdout = _spread(store.index.rows("holdout"), rc["max_slices"])
+    if meta["kind"] == "native" or len(holdout) == 0:
+        # Undersampled raw cohorts have no clean reference to undersample and compare with.
+        log.info("no clean hold-out slice: retrospective reconstruction skipped")
+        with atomic_path(metrics_out) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        return
+    size = store.images.shape[-1]
+    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    validation = _spread(store.index.rows("train"), rc["validation_slices"])
+    reference = store.images[holdout]
+    samplers = list(rc["samplers"])
+    metrics["holdout_slices"] = len(holdout)
     for acceleration in rc["accelerations"]:
         tag = f"R{acceleration:g}"
         acq = Acquisition(rc, acceleration, size, seed)
