@@ -31,11 +31,13 @@ def _workdir(tmp_path: Path) -> Path:
     return work
 
 
-def _snakemake(work: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _snakemake(
+    work: Path, *args: str, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
         cwd=work,
-        env=_env(),
+        env=env or _env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -216,28 +218,13 @@ def test_no_identifier_reaches_outputs_logs_or_errors(tmp_path):
     env = _env()
     env.pop("AMBIENT_MED_SITE_SECRET", None)
     env.pop("AMBIENT_MED_SITE_SECRET_FILE", None)
-    failed = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    failed = _snakemake(work, *args, check=False, env=env)
     assert failed.returncode != 0
     log = (work / "results" / "site" / "logs" / "ingest.log").read_text()
     assert log.strip().splitlines()[-1].startswith("ambient-med ingest: error: no site secret")
 
     env["AMBIENT_MED_SITE_SECRET"] = "a-site-secret-kept-outside-results"
-    ok = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert ok.returncode == 0, ok.stdout + ok.stderr
+    ok = _snakemake(work, *args, env=env)
     manifest = (work / "results" / "site" / "ingest" / "manifest.csv").read_text()
     assert "series refused: slices of different sizes" in manifest
     assert manifest.count(",ingested,") == 2 * len(list((folder / "study0").iterdir()))
