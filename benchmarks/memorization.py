@@ -38,8 +38,6 @@ from ambient_med.stages.common import example_keys, load_model  # noqa: E402
 from ambient_med.stages.reconstruct import Acquisition, _spread, diffusion_methods  # noqa: E402
 from ambient_med.stages.sample import generate, magnitude  # noqa: E402
 
-VARIANTS = [("clean", "kspace"), ("ambient", "pixel"), ("ambient", "kspace")]
-
 
 def subset_store(store: SliceStore, n_train: int) -> SliceStore:
     """``n_train`` training slices (evenly spread; 0 = all) plus every hold-out slice."""
@@ -104,6 +102,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--b-redraw", choices=["fixed", "redraw", "both"], default="fixed")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["clean/kspace", "ambient/pixel", "ambient/kspace"],
+        help="train_mode/corruption pairs to train (clean/kspace: clean images, complex model)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     started = start(args.threads)
@@ -121,6 +125,7 @@ def main() -> None:
     full = demo_slices(config, work, "slices32.h5")
     store = read_slices(full)
     redraws = {"fixed": [False], "redraw": [True], "both": [False, True]}[args.b_redraw]
+    variants = [tuple(v.split("/")) for v in args.variants]
     seed = config["cohorts"]["demo"]["seed"]
     rows, pair_figures = [], []
     for n_train in args.sizes:
@@ -133,7 +138,7 @@ def main() -> None:
         holdout = sub.index.rows("holdout")
         keys = example_keys(sub.index.subjects, sub.index.subject, sub.index.slice_index)
         recon_rows = _spread(holdout, 12)
-        for mode, kind in VARIANTS:
+        for mode, kind in variants:
             for b_redraw in redraws if mode == "ambient" else [False]:
                 config["cohorts"]["demo"] |= {"train_mode": mode, "corruption": kind}
                 config["train"]["b_redraw"] = b_redraw
