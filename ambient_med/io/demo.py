@@ -17,19 +17,16 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import torch
 from monai.transforms import Rand3DElastic, RandAdjustContrast, RandBiasField
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from ambient_med.errors import AmbientMedError
+from ambient_med.io.export import UID_PREFIX, mr_slice_dataset
 from ambient_med.physics.masks import derive_seed
 
 TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-# DICOM root for UIDs: pydicom's, with deterministic entropy so reruns write identical files.
-UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 
 
 def template_path() -> Path:
@@ -119,25 +116,22 @@ def write_dicom_series(
     row_cos = ras_to_lps @ (-affine[:3, 0] / np.linalg.norm(affine[:3, 0]))
     col_cos = ras_to_lps @ (-affine[:3, 1] / np.linalg.norm(affine[:3, 1]))
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    study_uid = generate_uid(UID_PREFIX, [str(seed), "study", str(subject)])
-    series_uid = generate_uid(UID_PREFIX, [str(seed), "series", str(subject)])
-    frame_uid = generate_uid(UID_PREFIX, [str(seed), "frame", str(subject)])
+    uids = tuple(
+        generate_uid(UID_PREFIX, [str(seed), part, str(subject)])
+        for part in ("study", "series", "frame")
+    )
     birth = datetime.date(1950, 1, 1) + datetime.timedelta(days=997 * subject + 123)
     for k in range(nz):
         position = ras_to_lps @ (affine @ np.array([nx - 1, ny - 1, k, 1.0]))[:3]
-        sop_uid = generate_uid(UID_PREFIX, [str(seed), "sop", str(subject), str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = "MR"
+        ds = mr_slice_dataset(
+            generate_uid(UID_PREFIX, [str(seed), "sop", str(subject), str(k)]),
+            uids,
+            position,
+            row_cos,
+            col_cos,
+            spacing,
+            (ny, nx),
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
         ds.SeriesDescription = "T1 demo (ICBM 2009a derived)"
         # Made-up identifying attributes: ingest must never let these reach an output.
@@ -152,14 +146,7 @@ def write_dicom_series(
             setattr(ds, keyword, value)
         ds.SeriesNumber = 1
         ds.InstanceNumber = nz - k  # deliberately against the slice order
-        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
-        ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
-        ds.SliceThickness = round(float(spacing[2]), 6)
         ds.SpacingBetweenSlices = round(float(spacing[2]), 6)
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated = 16
         ds.BitsStored = 16
         ds.HighBit = 15

@@ -32,6 +32,51 @@ def write_png_grid(path: str | Path, images: np.ndarray, columns: int = 4) -> No
         save_grid(tmp, images, columns)
 
 
+# pydicom's UID root; UIDs are derived deterministically from names, so reruns match.
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+
+
+def mr_slice_dataset(
+    sop_uid: str,
+    series_uids: tuple[str, str, str],
+    position_lps: np.ndarray,
+    row_cos: np.ndarray,
+    col_cos: np.ndarray,
+    spacing: np.ndarray,
+    shape: tuple[int, int],
+):
+    """An MR Image Storage dataset with file meta, UIDs and slice geometry, no pixels yet.
+
+    Args:
+        series_uids: (StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID).
+        position_lps: ImagePositionPatient of the first pixel (LPS, mm).
+        row_cos, col_cos: direction cosines of rows and columns (LPS).
+        spacing: voxel sizes (x, y, z) in mm of the grid; PixelSpacing is (y, x).
+        shape: (Rows, Columns).
+    """
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop_uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = series_uids
+    ds.Modality = "MR"
+    ds.ImagePositionPatient = [round(float(v), 4) for v in position_lps]
+    ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
+    ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
+    ds.SliceThickness = round(float(spacing[2]), 6)
+    ds.Rows, ds.Columns = shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    return ds
+
+
 def write_derived_series(
     folder: str | Path,
     slices: np.ndarray,
@@ -51,9 +96,7 @@ def write_derived_series(
     """
     import shutil
 
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import generate_uid
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.part")
@@ -67,21 +110,20 @@ def write_derived_series(
     peak = float(slices.max()) or 1.0
     slope = peak / 4095.0
     stored = np.clip(np.round(slices / slope), 0, 4095).astype(np.uint16)
-    prefix = "1.2.826.0.1.3680043.8.498."
-    study = generate_uid(prefix, [uid_seed, "study"])
-    series = generate_uid(prefix, [uid_seed, "series"])
-    frame = generate_uid(prefix, [uid_seed, "frame"])
+    uids = tuple(
+        generate_uid(UID_PREFIX, [uid_seed, part]) for part in ("study", "series", "frame")
+    )
     for k in range(len(slices)):
-        sop = generate_uid(prefix, [uid_seed, "sop", str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = pydicom.Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality = "MR"
+        position = ras_to_lps @ (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        ds = mr_slice_dataset(
+            generate_uid(UID_PREFIX, [uid_seed, "sop", str(k)]),
+            uids,
+            position,
+            row_cos,
+            col_cos,
+            spacing,
+            (slices.shape[2], slices.shape[1]),
+        )
         ds.ImageType = ["DERIVED", "SECONDARY"]
         ds.SeriesDescription = description[:64]
         ds.PatientName = ""
@@ -95,14 +137,6 @@ def write_derived_series(
         ds.StudyID = ""
         ds.SeriesNumber = 900
         ds.InstanceNumber = k + 1
-        position = ras_to_lps @ (affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
-        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
-        ds.ImageOrientationPatient = [round(float(v), 6) for v in (*row_cos, *col_cos)]
-        ds.PixelSpacing = [round(float(spacing[1]), 6), round(float(spacing[0]), 6)]
-        ds.SliceThickness = round(float(spacing[2]), 6)
-        ds.Rows, ds.Columns = slices.shape[2], slices.shape[1]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
         ds.PixelRepresentation = 0
         ds.RescaleSlope, ds.RescaleIntercept = round(slope, 10), 0.0
