@@ -105,8 +105,9 @@ def _screenshot(page: Path, out: Path) -> None:
     )
     with Image.open(out) as shot:
         pixels = np.asarray(shot.convert("L"))
-    # The page drew something: navigation text, the workflow graph, not a blank canvas.
-    assert pixels.std() > 20 and (pixels < 128).mean() > 0.02
+    # The page drew something — the navigation pane, its text, the workflow graph — and is not
+    # a blank canvas (a blank or error page is near-uniform white).
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005
 
 
 @pytest.mark.slow
