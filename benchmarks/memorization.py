@@ -34,16 +34,16 @@ from ambient_med.evaluation.figures import grid_image  # noqa: E402
 from ambient_med.evaluation.metrics import slice_metrics  # noqa: E402
 from ambient_med.io.store import SliceIndex, SliceStore, read_slices, write_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model  # noqa: E402
-from ambient_med.stages.reconstruct import Acquisition, _spread, diffusion_methods  # noqa: E402
-from ambient_med.stages.sample import generate, magnitude  # noqa: E402
+from ambient_med.stages.common import example_keys, load_model, magnitude, spread_rows  # noqa: E402
+from ambient_med.stages.reconstruct import Acquisition, diffusion_methods  # noqa: E402
+from ambient_med.stages.sample import generate  # noqa: E402
 
 
 def subset_store(store: SliceStore, n_train: int) -> SliceStore:
     """``n_train`` training slices (evenly spread; 0 = all) plus every hold-out slice."""
     train_rows = store.index.rows("train")
     if n_train:
-        train_rows = _spread(train_rows, n_train)
+        train_rows = spread_rows(train_rows, n_train)
     rows = np.sort(np.concatenate([train_rows, store.index.rows("holdout")]))
     index = store.index
     return SliceStore(
@@ -137,7 +137,7 @@ def main() -> None:
         train_images = sub.images[sub.index.rows("train")]
         holdout = sub.index.rows("holdout")
         keys = example_keys(sub.index.subjects, sub.index.subject, sub.index.slice_index)
-        recon_rows = _spread(holdout, 12)
+        recon_rows = spread_rows(holdout, 12)
         for mode, kind in variants:
             for b_redraw in redraws if mode == "ambient" else [False]:
                 config["cohorts"]["demo"] |= {"train_mode": mode, "corruption": kind}

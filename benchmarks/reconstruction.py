@@ -31,13 +31,8 @@ from ambient_med.config import load_config, stage_config  # noqa: E402
 from ambient_med.evaluation.metrics import slice_metrics  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model  # noqa: E402
-from ambient_med.stages.reconstruct import (  # noqa: E402
-    Acquisition,
-    _spread,
-    baselines,
-    diffusion_methods,
-)
+from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
+from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
 MODES = ("clean", "ambient", "naive")
 
@@ -88,10 +83,9 @@ def main() -> None:
 
     store = read_slices(slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    holdout = _spread(store.index.rows("holdout"), args.slices)
-    validation = _spread(store.index.rows("train"), 6)
+    holdout = spread_rows(store.index.rows("holdout"), args.slices)
+    validation = spread_rows(store.index.rows("train"), 6)
     reference = store.images[holdout]
-    size = reference.shape[-1]
     rc = dict(config["reconstruct"])
     rc |= {"samplers": args.samplers, "steps": args.sampling_steps}
     seed = config["cohorts"]["demo"]["seed"]
@@ -117,12 +111,9 @@ def main() -> None:
     for coils in args.coils:
         rc["coils"] = coils
         for acceleration in args.accelerations:
-            tag = f"R{acceleration:g}"
-            acq = Acquisition(rc, acceleration, size, seed)
-            op = acq.operator([keys[r] for r in holdout])
-            y = acq.measure(op, reference, f"holdout-{tag}")
-            val = (store.images[validation], [keys[r] for r in validation])
-            results, seconds, _ = baselines(acq, op, y, val, list(rc["cs_lambdas"]), tag)
+            op, y, results, seconds, _ = retrospective(
+                rc, acceleration, store, holdout, validation, keys, seed
+            )
             for method in ("zero_filled", "cs_l1"):
                 record(method, "", "", acceleration, coils, results[method], seconds[method])
             for mode, (net, meta) in models.items():

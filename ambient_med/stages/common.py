@@ -31,6 +31,18 @@ def load_model(path: str | Path) -> tuple[AmbientDenoiser, dict[str, Any]]:
     return net, meta
 
 
+def spread_rows(rows: np.ndarray, limit: int) -> np.ndarray:
+    """At most ``limit`` evenly spaced entries of ``rows`` (all of them when fewer)."""
+    if len(rows) <= limit:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, limit).round().astype(int)]
+
+
+def magnitude(images: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` real or (real, imaginary) → ``(N, H, W)`` magnitude."""
+    return images.detach().square().sum(dim=1).sqrt().numpy()
+
+
 def example_keys(subjects: list[str], subject: np.ndarray, slice_index: np.ndarray) -> list[str]:
     """A stable name per stored slice: its pseudonymous subject and axial index."""
     return [

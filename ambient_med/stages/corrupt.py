@@ -25,7 +25,7 @@ from ambient_med.io.store import (
 )
 from ambient_med.physics.masks import LineMaskFunc, derive_seed, pixel_mask
 from ambient_med.physics.operators import PixelMask, SingleCoilFourier
-from ambient_med.stages.common import example_keys
+from ambient_med.stages.common import example_keys, spread_rows
 
 log = logging.getLogger(__name__)
 KINDS = ("pixel", "kspace", "native")
@@ -34,8 +34,7 @@ KINDS = ("pixel", "kspace", "native")
 def _examples(store: MeasurementStore, kind: str, path: Path, count: int = 8) -> None:
     """What training sees, for the report: zero-filled images (pixel, k-space) or, for raw
     data, log-magnitude k-space (coil root-sum-of-squares) — never a clean image."""
-    rows = store.index.rows("train")
-    rows = rows[np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int)]
+    rows = spread_rows(store.index.rows("train"), count)
     if kind == "native":
         kspace = np.abs(store.measurements[rows])
         tiles = np.log1p(np.sqrt((kspace**2).sum(axis=1)) * 100.0)

@@ -34,16 +34,9 @@ from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.generation import generation_metrics
 from ambient_med.io.export import write_table
 from ambient_med.io.store import atomic_path, read_slices
-from ambient_med.stages.common import load_examples, load_model
+from ambient_med.stages.common import load_examples, load_model, spread_rows
 
 log = logging.getLogger(__name__)
-
-
-def _spread(rows: np.ndarray, limit: int) -> np.ndarray:
-    """At most ``limit`` evenly spaced entries of ``rows``."""
-    if len(rows) <= limit:
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, limit).round().astype(int)]
 
 
 def run(
@@ -70,7 +63,7 @@ def run(
     }
 
     store = read_slices(slices_path)
-    rows = _spread(store.index.rows("holdout"), limit)
+    rows = spread_rows(store.index.rows("holdout"), limit)
     if len(rows) and meta["kind"] != "native":
         x0 = to_image_channels(store.images[rows], meta["kind"])
         errors = x0_prediction_error(net, meta, x0, alphas, timesteps, seed)
@@ -87,7 +80,7 @@ def run(
         data = load_examples(
             measurements_path, meta["mode"], meta["kind"], "holdout", meta["delta"], False, seed
         )
-        data = data.subset(_spread(np.arange(len(data)), limit))
+        data = data.subset(spread_rows(np.arange(len(data)), limit))
         objective = AmbientObjective(alphas)
         errors = heldout_observed_error(net, objective, data, timesteps, seed)
         metrics["holdout_measured"] = len(data)

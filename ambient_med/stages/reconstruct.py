@@ -53,15 +53,9 @@ from ambient_med.physics.operators import (
     to_complex,
 )
 from ambient_med.physics.recon import choose_lambda, l1_wavelet
-from ambient_med.stages.common import example_keys, load_model
+from ambient_med.stages.common import example_keys, load_model, magnitude, spread_rows
 
 log = logging.getLogger(__name__)
-
-
-def _spread(rows: np.ndarray, limit: int) -> np.ndarray:
-    if len(rows) <= limit:
-        return rows
-    return rows[np.linspace(0, len(rows) - 1, limit).round().astype(int)]
 
 
 class Acquisition:
@@ -105,10 +99,6 @@ class Acquisition:
         return kspace, maps, op.line_mask[i].numpy()
 
 
-def _magnitude(images: torch.Tensor) -> np.ndarray:
-    return images.detach().square().sum(dim=1).sqrt().numpy()
-
-
 def _diffusion(net, meta, rc, op, y, seed, sampler) -> np.ndarray:
     """Magnitude reconstructions of a batch with the model as prior."""
     size = int(meta["image_size"])
@@ -117,7 +107,7 @@ def _diffusion(net, meta, rc, op, y, seed, sampler) -> np.ndarray:
     batch = y.shape[0]
     if sampler == "one_step":
         mask_op = model_op if meta["mode"] == "ambient" else Identity(batch, size, size)
-        return _magnitude(one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op))
+        return magnitude(one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op))
     ddim = build_ddim(meta["scheduler"], rc["steps"])
 
     def make_operator(b: int, step: int):
@@ -135,7 +125,7 @@ def _diffusion(net, meta, rc, op, y, seed, sampler) -> np.ndarray:
         method=sampler,
         zeta=rc["zeta"],
     )
-    return _magnitude(out)
+    return magnitude(out)
 
 
 def _panel(path: Path, columns: list[tuple[str, np.ndarray]], reference: np.ndarray) -> None:
@@ -173,7 +163,7 @@ def baselines(
     """
     n = y.shape[0]
     start = time.perf_counter()
-    results = {"zero_filled": _magnitude(op.A_adjoint(y))}
+    results = {"zero_filled": magnitude(op.A_adjoint(y))}
     seconds = {"zero_filled": (time.perf_counter() - start) / n}
     val_images, val_keys = validation
     val_op = acq.operator(val_keys)
@@ -187,6 +177,30 @@ def baselines(
     results["cs_l1"] = np.stack([cs(i, lamda, op, y) for i in range(n)]).astype(np.float32)
     seconds["cs_l1"] = (time.perf_counter() - start) / n
     return results, seconds, lamda
+
+
+def retrospective(
+    rc: dict[str, Any],
+    acceleration: float,
+    store,
+    holdout: np.ndarray,
+    validation: np.ndarray,
+    keys: list[str],
+    seed: int,
+):
+    """Undersamples the hold-out rows of ``store`` at one acceleration and runs the baselines.
+
+    Returns:
+        (A, y, {method: magnitudes}, {method: seconds per slice}, CS λ) — the diffusion
+        methods then reconstruct the same ``y`` with the same ``A``.
+    """
+    tag = f"R{acceleration:g}"
+    acq = Acquisition(rc, acceleration, store.images.shape[-1], seed)
+    op = acq.operator([keys[r] for r in holdout])
+    y = acq.measure(op, store.images[holdout], f"holdout-{tag}")
+    val = (store.images[validation], [keys[r] for r in validation])
+    results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]), tag)
+    return op, y, results, seconds, lamda
 
 
 def diffusion_methods(
@@ -231,7 +245,7 @@ def reconstruct_new_files(
         maps, kspace, _ = calibrate(kspace, lines, 0.0, path.name)
         op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
         y = torch.view_as_real(torch.from_numpy(kspace)).float()
-        results = {"zero_filled": _magnitude(op.A_adjoint(y))}
+        results = {"zero_filled": magnitude(op.A_adjoint(y))}
         results["cs_l1"] = np.stack(
             [np.abs(l1_wavelet(kspace[s], maps[s], lines[s], lamda)) for s in range(len(kspace))]
         ).astype(np.float32)
@@ -275,26 +289,23 @@ def run(
     if rc["input"]:
         metrics["new_files"] = reconstruct_new_files(net, meta, cfg, Path(rc["input"]), files_dir)
     store = read_slices(slices_path)
-    holdout = _spread(store.index.rows("holdout"), rc["max_slices"])
+    holdout = spread_rows(store.index.rows("holdout"), rc["max_slices"])
     if meta["kind"] == "native" or len(holdout) == 0:
         # Undersampled raw cohorts have no clean reference to undersample and compare with.
         log.info("no clean hold-out slice: retrospective reconstruction skipped")
         with atomic_path(metrics_out) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         return
-    size = store.images.shape[-1]
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    validation = _spread(store.index.rows("train"), rc["validation_slices"])
+    validation = spread_rows(store.index.rows("train"), rc["validation_slices"])
     reference = store.images[holdout]
     samplers = list(rc["samplers"])
     metrics["holdout_slices"] = len(holdout)
     for acceleration in rc["accelerations"]:
         tag = f"R{acceleration:g}"
-        acq = Acquisition(rc, acceleration, size, seed)
-        op = acq.operator([keys[r] for r in holdout])
-        y = acq.measure(op, reference, f"holdout-{tag}")
-        val = (store.images[validation], [keys[r] for r in validation])
-        results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]), tag)
+        op, y, results, seconds, lamda = retrospective(
+            rc, acceleration, store, holdout, validation, keys, seed
+        )
         metrics[f"cs_l1_{tag}_lambda"] = lamda
         learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed)
         results |= learned

@@ -16,14 +16,9 @@ from ambient_med.errors import AmbientMedError
 from ambient_med.io.export import write_png_grid, write_slice_volume
 from ambient_med.io.store import read_measurements
 from ambient_med.physics.masks import derive_seed
-from ambient_med.stages.common import load_model
+from ambient_med.stages.common import load_model, magnitude
 
 log = logging.getLogger(__name__)
-
-
-def magnitude(images: torch.Tensor) -> np.ndarray:
-    """``(N, C, H, W)`` real or (real, imaginary) → ``(N, H, W)`` magnitude."""
-    return images.square().sum(dim=1).sqrt().numpy()
 
 
 def generate(
