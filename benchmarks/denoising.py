@@ -27,10 +27,9 @@ from common import demo_slices, start, write_results  # noqa: E402
 from ambient_med.config import load_config, stage_config  # noqa: E402
 from ambient_med.diffusion.denoising import x0_prediction_error  # noqa: E402
 from ambient_med.diffusion.model import build_ddpm  # noqa: E402
-from ambient_med.diffusion.training import to_image_channels  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
-from ambient_med.stages.common import load_model  # noqa: E402
+from ambient_med.stages.common import clean_images, load_model  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +48,8 @@ def main() -> None:
     work = args.workdir
     slices = demo_slices(config, work)
     store = read_slices(slices)
-    holdout = store.images[store.index.rows("holdout")]
+    holdout = store.index.rows("holdout")
+    seed = config["cohorts"]["demo"]["seed"]
     timesteps = config["evaluate"]["timesteps"]
 
     rows = []
@@ -65,7 +65,7 @@ def main() -> None:
             tick = time.time()
             train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
             net, meta = load_model(out / "model.pt")
-            x0 = to_image_channels(holdout, kind)
+            x0 = clean_images(store, holdout, kind, seed)
             alphas = build_ddpm(meta["scheduler"]).alphas_cumprod
             errors = x0_prediction_error(net, meta, x0, alphas, timesteps, seed=0)
             for t, mse in errors.items():

@@ -35,7 +35,11 @@ from ambient_med.evaluation.metrics import slice_metrics  # noqa: E402
 from ambient_med.io.store import SliceIndex, SliceStore, read_slices, write_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import example_keys, load_model, magnitude, spread_rows  # noqa: E402
-from ambient_med.stages.reconstruct import Acquisition, diffusion_methods  # noqa: E402
+from ambient_med.stages.reconstruct import (  # noqa: E402
+    acquisition,
+    diffusion_methods,
+    undersample,
+)
 from ambient_med.stages.sample import generate  # noqa: E402
 
 
@@ -158,10 +162,9 @@ def main() -> None:
                 rc = dict(config["reconstruct"]) | {"samplers": ["dc"], "coils": 1}
                 psnr = float("nan")
                 if meta["image_channels"] == 2:
-                    acq = Acquisition(rc, 4, 32, seed)
-                    op = acq.operator([keys[r] for r in recon_rows])
+                    acq = acquisition(rc, 4, 32, seed)
+                    op, y = undersample(acq, sub, recon_rows, keys, "memorization-R4")
                     reference = sub.images[recon_rows]
-                    y = acq.measure(op, reference, "memorization-R4")
                     images, _ = diffusion_methods(net, meta, rc, op, y, seed)
                     psnr = float(slice_metrics(reference, images["diffusion_dc"])["psnr"].mean())
                 rows.append(

@@ -14,8 +14,9 @@ from ambient_med.io.demo import write_demo_cohort
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Small enough for seconds: 3 subjects at 3 mm (66 x 78 x 63 voxels), 32 x 32 slices.
-DEMO_SUBJECTS = 3
+# Small enough for seconds: 4 subjects at 3 mm (66 x 78 x 63 voxels), 32 x 32 slices; two
+# of them are held out (config.yaml's holdout_subjects).
+DEMO_SUBJECTS = 4
 DEMO_VOXEL_MM = 3.0
 DEMO_SEED = 1234
 

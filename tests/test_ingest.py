@@ -20,16 +20,14 @@ from ambient_med.stages import ingest
 @pytest.fixture(scope="module")
 def sources():
     """The volumes the demo writer started from, recomputed independently of its files."""
-    template, affine = load_template(DEMO_VOXEL_MM)
-    volumes = [template] + [
-        pseudo_subject(template, DEMO_SEED + s, DEMO_VOXEL_MM) for s in range(1, DEMO_SUBJECTS)
-    ]
+    tissues, affine = load_template(DEMO_VOXEL_MM)
+    volumes = [pseudo_subject(tissues, DEMO_SEED + s, DEMO_VOXEL_MM) for s in range(DEMO_SUBJECTS)]
     return volumes, affine
 
 
 def test_demo_writes_nifti_and_a_dicom_series(demo_dir):
     names = sorted(p.name for p in demo_dir.iterdir())
-    assert names == ["series_01", "volume_00.nii.gz", "volume_02.nii.gz"]
+    assert names == ["series_01", "series_03", "volume_00.nii.gz", "volume_02.nii.gz"]
     files = sorted((demo_dir / "series_01").iterdir())
     ds = pydicom.dcmread(files[0])
     assert ds.SOPClassUID == pydicom.uid.MRImageStorage
@@ -97,7 +95,7 @@ def test_ingest_stage_writes_store_and_manifest(demo_dir, tmp_path, caplog):
     assert store.images.shape[1:] == (32, 32)
     assert store.images.dtype == np.float32
     assert sorted(set(store.index.split)) == ["holdout", "train"]
-    assert store.index.split.count("holdout") == 1
+    assert store.index.split.count("holdout") == 2  # config.yaml: holdout_subjects: 2
     # Per-volume normalisation: the 99.5th foreground percentile maps to about 1.
     assert 0.9 < float(np.percentile(store.images, 99.9)) < 1.3
     # The manifest's per-volume slice counts add up to the store.

@@ -51,7 +51,9 @@ def raw_cohort(truth, tmp_path_factory):
 
 
 def raw_config(folder):
-    cfg = tiny_config(demo=False, source="kspace", corruption="native", input=str(folder))
+    cfg = tiny_config(
+        demo=False, source="kspace", corruption="native", input=str(folder), holdout_subjects=1
+    )
     cfg["ingest"]["image_size"] = SIZE
     return cfg
 

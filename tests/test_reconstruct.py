@@ -1,6 +1,7 @@
 """Metrics, baselines, samplers and the reconstruct stage."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -166,15 +167,16 @@ def test_reconstruct_stage_writes_nifti_dicom_png_and_metrics(demo_dir, tmp_path
     )
     metrics = json.loads((tmp_path / "recon.json").read_text())
     for method in ("zero_filled", "cs_l1", "diffusion_dc", "diffusion_dps", "diffusion_one_step"):
-        for name in ("psnr", "ssim", "nrmse", "psnr_std", "seconds_per_slice"):
+        for name in ("psnr", "ssim", "ssim_fg", "nrmse", "psnr_std", "seconds_per_slice"):
             assert np.isfinite(metrics[f"{method}_R4_{name}"])
-    assert metrics["holdout_slices"] == 4
+    assert metrics["holdout_slices"] == 4 and metrics["holdout_volumes"] == 2
 
     niftis = sorted(files.glob("*_R4_diffusion_dc.nii.gz"))
-    assert len(niftis) == 1
+    assert len(niftis) == 2  # one per hold-out volume
     image = nib.load(niftis[0])
     assert image.shape[:2] == (32, 32) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
-    series = sorted(next(files.glob("*_dicom")).iterdir())
+    dicom_dir = Path(str(niftis[0]).removesuffix(".nii.gz") + "_dicom")
+    series = sorted(dicom_dir.iterdir())
     assert len(series) == image.shape[2]
     ds = pydicom.dcmread(series[0])
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]

@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 from ambient_med.config import stage_config
 from ambient_med.io.store import read_measurements, read_slices
+from ambient_med.physics.acquisition import complex_slices
 from ambient_med.physics.operators import fft2c
 from ambient_med.stages import corrupt, evaluate, ingest, sample, train
 
@@ -51,7 +52,13 @@ def test_corrupt_holds_measurements_only_and_is_bit_identical(slices, tmp_path, 
         lines = meas.mask.astype(bool)
         assert meas.measurements.shape[1] == 2 and lines.shape == clean.shape[::2]
         assert not meas.measurements[:, :, :, ~lines[0]][0].any()
-        full = fft2c(torch.from_numpy(np.stack([clean, np.zeros_like(clean)], 1))).numpy()
+        # The acquisition starts from the magnitude times the subject's smooth phase.
+        store = read_slices(slices)
+        subjects = [store.index.subjects[v] for v in store.index.subject]
+        phased = complex_slices(clean, subjects, store.index.slice_index, cfg["cohort"]["seed"])
+        np.testing.assert_allclose(np.abs(phased), clean, rtol=1e-5, atol=1e-6)
+        assert np.abs(np.angle(phased[clean > 0.1])).max() > 0.5  # a real phase, not ~0
+        full = fft2c(torch.from_numpy(np.stack([phased.real, phased.imag], 1))).numpy()
         expected = full * lines[:, None, None, :]
         np.testing.assert_allclose(meas.measurements, expected, atol=1e-5)
         assert clean.shape[-1] / lines.sum(-1).mean() == pytest.approx(4, rel=0.25)

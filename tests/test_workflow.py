@@ -197,7 +197,7 @@ def _identity_cohort(root: Path) -> Path:
         volume = pseudo_subject(template, 77 + s, 4.0)
         write_dicom_series(folder / f"study{s}", volume, affine, 10 + s, 5, identity)
     broken = {**IDENTITIES[0], "PatientID": "MRN-31337-BR", "PatientName": "Brokenfield^Carl"}
-    write_dicom_series(folder / "study2", template, affine, 12, 5, broken)
+    write_dicom_series(folder / "study2", pseudo_subject(template, 79, 4.0), affine, 12, 5, broken)
     victim = sorted((folder / "study2").iterdir())[3]
     ds = pydicom.dcmread(victim)
     ds.Rows = ds.Rows - 1

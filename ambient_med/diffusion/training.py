@@ -32,12 +32,6 @@ from ambient_med.physics.operators import (
 MODES = ("ambient", "naive", "clean")
 
 
-def to_image_channels(images: np.ndarray, kind: str) -> torch.Tensor:
-    """Real slices ``(N, H, W)`` → ``(N, C, H, W)``: 1 channel (pixel) or real + zero imaginary."""
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
-    return x if kind == "pixel" else torch.cat([x, torch.zeros_like(x)], dim=1)
-
-
 def image_channels(kind: str) -> int:
     """Real images for pixel masking, complex (2 channels) for every k-space kind."""
     return 1 if kind == "pixel" else 2

@@ -1,24 +1,32 @@
-"""The demo cohort: hospital-shaped inputs made from the ICBM 2009a T1 template.
+"""The demo cohort: synthetic, hospital-shaped inputs built from the ICBM 2009a maps.
 
-The template ships inside nilearn's wheel, so no download happens. Copyright (C) 1993-2009
-Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill
-University; see README.md for the full notice. Subject 0 is the template itself; the others
-are seeded random affine + elastic deformations with a bias field and a contrast change
-(MONAI transforms), so the cohort is not one brain. Subjects are written alternately as NIfTI
-volumes and as DICOM series (MR Image Storage, one file per slice) carrying made-up
-identifying tags, so that de-identification can be seen to work.
+What it is: subjects synthesised from the tissue probability maps that ship inside nilearn's
+wheel (the ICBM 2009a nonlinear symmetric T1, grey- and white-matter maps), in the manner of
+SynthSeg (Billot et al., 2023): a strong random affine + elastic deformation, random
+per-tissue intensities (T1w-like by default; T2w- and PD-like available), partial-volume
+mixing, a unique set of lesions per subject, a blurred point-spread function, a bias field
+and a Rician noise floor, so that the background is not exactly zero. The undeformed
+template is never a subject. What it is not: real scans. It exercises the whole workflow and
+gives the benchmarks distinct subjects with shared anatomy, nothing more.
+
+The template data are Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre,
+Montreal Neurological Institute, McGill University; see README.md for the full notice.
+Subjects are written alternately as NIfTI volumes and as DICOM series (MR Image Storage, one
+file per slice) carrying made-up identifying tags, so that de-identification can be seen to
+work.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import Rand3DElastic, RandAdjustContrast, RandBiasField
+from monai.transforms import Rand3DElastic, RandBiasField
 from pydicom.uid import generate_uid
 from scipy import ndimage
 
@@ -27,54 +35,210 @@ from ambient_med.io.export import UID_PREFIX, mr_slice_dataset
 from ambient_med.physics.masks import derive_seed
 
 TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+TISSUE_FILES = {
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+# Channels of the tissue stack; background is what they leave of 1.
+TISSUES = ("wm", "gm", "csf", "skull", "scalp", "lesion")
+# Mean intensity ranges per tissue and contrast (WM of T1w ≈ 1). Lesions: T1-hypointense,
+# T2/PD-hyperintense, as demyelinating or vascular white-matter lesions appear.
+CONTRASTS: dict[str, dict[str, tuple[float, float]]] = {
+    "t1w": {
+        "wm": (0.85, 1.0),
+        "gm": (0.45, 0.65),
+        "csf": (0.08, 0.22),
+        "skull": (0.02, 0.08),
+        "scalp": (0.6, 1.0),
+        "lesion": (0.25, 0.5),
+    },
+    "t2w": {
+        "wm": (0.3, 0.42),
+        "gm": (0.5, 0.65),
+        "csf": (0.9, 1.0),
+        "skull": (0.02, 0.08),
+        "scalp": (0.35, 0.6),
+        "lesion": (0.7, 0.9),
+    },
+    "pd": {
+        "wm": (0.6, 0.7),
+        "gm": (0.75, 0.88),
+        "csf": (0.85, 1.0),
+        "skull": (0.03, 0.1),
+        "scalp": (0.6, 0.85),
+        "lesion": (0.85, 1.0),
+    },
+}
+# Written volumes are scaled so that intensity 1 of the table above is this value.
+INTENSITY_SCALE = 200.0
 
 
-def template_path() -> Path:
-    """Path of the template inside nilearn's installed package."""
+def _nilearn_data(name: str) -> Path:
     try:
         import nilearn
     except ImportError:
         raise AmbientMedError(
             "the demo cohort needs nilearn<0.14 (pip install 'nilearn<0.14')"
         ) from None
-    path = Path(nilearn.__file__).parent / "datasets" / "data" / TEMPLATE_FILE
+    path = Path(nilearn.__file__).parent / "datasets" / "data" / name
     if not path.is_file():
-        raise AmbientMedError(f"nilearn {nilearn.__version__} does not ship {TEMPLATE_FILE}")
+        raise AmbientMedError(f"nilearn {nilearn.__version__} does not ship {name}")
     return path
 
 
-def load_template(voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """The template as float32 (X, Y, Z) in RAS, resampled to ``voxel_mm`` isotropic."""
-    image = nib.as_closest_canonical(nib.load(str(template_path())))
+def template_path() -> Path:
+    """Path of the T1 template inside nilearn's installed package."""
+    return _nilearn_data(TEMPLATE_FILE)
+
+
+def _load(path: Path, voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    image = nib.as_closest_canonical(nib.load(str(path)))
     data = np.asarray(image.dataobj, dtype=np.float32)
     affine = image.affine.copy()
     if voxel_mm != 1.0:
-        zoom = 1.0 / voxel_mm
-        data = ndimage.zoom(data, zoom, order=1, prefilter=False).astype(np.float32)
+        data = ndimage.zoom(data, 1.0 / voxel_mm, order=1, prefilter=False).astype(np.float32)
         affine[:3, :3] = affine[:3, :3] * voxel_mm
     return data, affine
 
 
-def pseudo_subject(template: np.ndarray, seed: int, voxel_mm: float) -> np.ndarray:
-    """A seeded random deformation and intensity change of the template."""
+def load_template(voxel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tissue stack of the template, resampled to ``voxel_mm`` isotropic, in RAS.
+
+    Returns:
+        ``(len(TISSUES), X, Y, Z)`` float32 probabilities (WM, GM, CSF, skull, scalp and an
+        empty lesion channel; background = 1 − their sum) and the 4×4 affine. CSF is the
+        brain mask of the skull-stripped T1 minus GM and WM; skull and scalp are shells
+        outside it, made from a distance map, so the head has an outline as real scans do.
+    """
+    t1, affine = _load(template_path(), voxel_mm)
+    gm = _load(_nilearn_data(TISSUE_FILES["gm"]), voxel_mm)[0] / 255.0
+    wm = _load(_nilearn_data(TISSUE_FILES["wm"]), voxel_mm)[0] / 255.0
+    brain = ndimage.binary_fill_holes(t1 > 0.02 * t1.max())
+    brain_soft = ndimage.gaussian_filter(brain.astype(np.float32), 0.5 / voxel_mm)
+    total = np.maximum(gm + wm, 1e-6)
+    scale = np.minimum(1.0, brain_soft / total)
+    gm, wm = gm * scale, wm * scale
+    csf = np.clip(brain_soft - gm - wm, 0.0, 1.0)
+    outside = ndimage.distance_transform_edt(~brain) * voxel_mm  # mm from the brain
+    skull = ((outside > 0) & (outside <= 4.0)).astype(np.float32)
+    scalp = ((outside > 4.0) & (outside <= 9.0)).astype(np.float32)
+    shells = [ndimage.gaussian_filter(x, 0.7 / voxel_mm) * (1 - brain_soft) for x in (skull, scalp)]
+    stack = np.stack([wm, gm, csf, *shells, np.zeros_like(wm)]).astype(np.float32)
+    return np.clip(stack, 0.0, 1.0), affine
+
+
+@dataclass
+class Lesion:
+    """One ellipsoidal lesion: centre (voxel indices), radii (mm), contrast multiplier."""
+
+    centre: tuple[int, int, int]
+    radii_mm: tuple[float, float, float]
+    contrast: float
+
+
+@dataclass
+class SubjectInfo:
+    """What made a synthetic subject: enough to tell two subjects apart in a test."""
+
+    seed: int
+    contrast: str
+    intensities: dict[str, float]
+    lesions: list[Lesion] = field(default_factory=list)
+
+
+def _deform(tissues: np.ndarray, seed: int, voxel_mm: float) -> np.ndarray:
+    """One seeded random affine + elastic deformation applied to every tissue channel."""
     mm = 1.0 / voxel_mm
     elastic = Rand3DElastic(
         sigma_range=(6 * mm, 8 * mm),
-        magnitude_range=(100 * mm, 200 * mm),
+        magnitude_range=(120 * mm, 240 * mm),
         prob=1.0,
-        rotate_range=(0.12, 0.12, 0.12),
-        scale_range=(0.08, 0.08, 0.08),
-        translate_range=(4 * mm, 4 * mm, 4 * mm),
+        rotate_range=(0.2, 0.2, 0.2),
+        scale_range=(0.12, 0.12, 0.12),
+        translate_range=(6 * mm, 6 * mm, 6 * mm),
         padding_mode="zeros",
     )
-    bias = RandBiasField(prob=1.0, coeff_range=(0.1, 0.25))
-    contrast = RandAdjustContrast(prob=1.0, gamma=(0.8, 1.25))
-    image = torch.from_numpy(template)[None]
-    for offset, transform in enumerate((elastic, bias, contrast)):
-        transform.set_random_state(seed=derive_seed(seed, "demo-transform", offset))
-        image = transform(image)
-    data = np.asarray(image[0], dtype=np.float32)
-    return np.clip(data, 0.0, None)
+    elastic.set_random_state(seed=derive_seed(seed, "demo-deform"))
+    out = elastic(torch.from_numpy(tissues))
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+
+def _add_lesions(
+    tissues: np.ndarray, rng: np.random.Generator, voxel_mm: float
+) -> tuple[np.ndarray, list[Lesion]]:
+    """Plants 1–6 soft-edged ellipsoids centred in white matter (the lesion channel takes
+    their share from the tissues they overlap)."""
+    wm = tissues[0]
+    candidates = np.argwhere(wm > 0.6)
+    lesions = []
+    grid = np.indices(wm.shape, dtype=np.float32)
+    lesion = np.zeros_like(wm)
+    for _ in range(int(rng.integers(1, 7))):
+        centre = tuple(int(v) for v in candidates[rng.integers(len(candidates))])
+        radii = tuple(float(r) for r in rng.uniform(2.0, 7.0, size=3))
+        distance = sum(((grid[a] - centre[a]) * voxel_mm / radii[a]) ** 2 for a in range(3)) ** 0.5
+        # Soft edge: one voxel of partial volume around the ellipsoid.
+        lesion = np.maximum(lesion, np.clip((1.0 - distance) * min(radii) / voxel_mm, 0, 1))
+        lesions.append(Lesion(centre, radii, 0.0))
+    brain = tissues[:3].sum(axis=0)
+    lesion = lesion * np.clip(brain, 0.0, 1.0)
+    out = tissues.copy()
+    out[:3] *= 1.0 - lesion[None]
+    out[TISSUES.index("lesion")] = lesion
+    return out, lesions
+
+
+def synthesize_subject(
+    tissues: np.ndarray, seed: int, voxel_mm: float, contrast: str = "t1w"
+) -> tuple[np.ndarray, SubjectInfo]:
+    """One synthetic subject from the template's tissue stack (SynthSeg-style).
+
+    Args:
+        tissues: ``(len(TISSUES), X, Y, Z)`` from :func:`load_template`.
+        seed: every random choice of this subject derives from it.
+        contrast: ``"t1w"``, ``"t2w"`` or ``"pd"``.
+
+    Returns:
+        ``(X, Y, Z)`` float32 magnitude volume (≥ 0, noisy background) and its description.
+    """
+    if contrast not in CONTRASTS:
+        raise AmbientMedError(
+            f"config key 'demo.contrast': {contrast!r} is not one of {list(CONTRASTS)}"
+        )
+    rng = np.random.default_rng(derive_seed(seed, "demo-subject"))
+    deformed = _deform(tissues, seed, voxel_mm)
+    deformed, lesions = _add_lesions(deformed, rng, voxel_mm)
+    table = CONTRASTS[contrast]
+    means = {name: float(rng.uniform(*table[name])) for name in TISSUES}
+    for lesion in lesions:
+        lesion.contrast = means["lesion"]
+    # Partial volume: each voxel mixes its tissues' intensities by their probabilities;
+    # a little smooth texture per tissue keeps regions from being perfectly flat.
+    volume = np.zeros(deformed.shape[1:], np.float32)
+    for k, name in enumerate(TISSUES):
+        texture = ndimage.gaussian_filter(
+            rng.standard_normal(volume.shape).astype(np.float32), 1.5 / voxel_mm
+        )
+        texture /= max(float(texture.std()), 1e-6)
+        volume += deformed[k] * means[name] * (1.0 + 0.04 * texture)
+    volume = ndimage.gaussian_filter(volume, rng.uniform(0.3, 0.8))  # point-spread function
+    bias = RandBiasField(prob=1.0, coeff_range=(0.1, 0.3))
+    bias.set_random_state(seed=derive_seed(seed, "demo-bias"))
+    volume = np.asarray(bias(torch.from_numpy(volume)[None])[0], dtype=np.float32)
+    # Rician noise floor: the magnitude of a complex signal with Gaussian noise.
+    sigma = rng.uniform(0.01, 0.025)
+    real = volume + sigma * rng.standard_normal(volume.shape).astype(np.float32)
+    imag = sigma * rng.standard_normal(volume.shape).astype(np.float32)
+    volume = np.sqrt(real**2 + imag**2) * INTENSITY_SCALE
+    info = SubjectInfo(seed, contrast, means, lesions)
+    return volume.astype(np.float32), info
+
+
+def pseudo_subject(
+    tissues: np.ndarray, seed: int, voxel_mm: float, contrast: str = "t1w"
+) -> np.ndarray:
+    """The volume of :func:`synthesize_subject` (what the demo writer stores)."""
+    return synthesize_subject(tissues, seed, voxel_mm, contrast)[0]
 
 
 def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, flip_x: bool) -> None:
@@ -133,7 +297,7 @@ def write_dicom_series(
             (ny, nx),
         )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-        ds.SeriesDescription = "T1 demo (ICBM 2009a derived)"
+        ds.SeriesDescription = "synthetic demo (ICBM 2009a derived)"
         # Made-up identifying attributes: ingest must never let these reach an output.
         ds.PatientName = f"DEMOPATIENT^SUBJECT{subject:02d}"
         ds.PatientID = f"DEMO-PID-{subject:02d}-7Q4"
@@ -159,8 +323,26 @@ def write_dicom_series(
         ds.save_as(folder / name, enforce_file_format=True)
 
 
-def write_demo_cohort(out_dir: Path, subjects: int, voxel_mm: float, dicom_every: int, seed: int):
+def subject_contrast(contrast: str, seed: int, subject: int) -> str:
+    """The contrast of demo subject ``subject``: the configured one, or a seeded choice per
+    subject for ``"mixed"``."""
+    if contrast != "mixed":
+        return contrast
+    names = sorted(CONTRASTS)
+    return names[derive_seed(seed, "demo-contrast", subject) % len(names)]
+
+
+def write_demo_cohort(
+    out_dir: Path,
+    subjects: int,
+    voxel_mm: float,
+    dicom_every: int,
+    seed: int,
+    contrast: str = "t1w",
+):
     """Writes the demo inputs into ``out_dir`` (atomically: a temporary folder, then a rename).
+
+    Subject ``s`` is :func:`pseudo_subject` with seed ``seed + s``; none is the template.
 
     Returns:
         One ``(relative path, format)`` per written subject.
@@ -170,10 +352,11 @@ def write_demo_cohort(out_dir: Path, subjects: int, voxel_mm: float, dicom_every
     if tmp.exists():
         _rmtree(tmp)
     tmp.mkdir(parents=True)
-    template, affine = load_template(voxel_mm)
+    tissues, affine = load_template(voxel_mm)
     written = []
     for subject in range(subjects):
-        volume = template if subject == 0 else pseudo_subject(template, seed + subject, voxel_mm)
+        kind = subject_contrast(contrast, seed, subject)
+        volume = pseudo_subject(tissues, seed + subject, voxel_mm, kind)
         if (subject + 1) % dicom_every == 0:
             name = f"series_{subject:02d}"
             write_dicom_series(tmp / name, volume, affine, subject, seed)
@@ -195,11 +378,11 @@ def _rmtree(path: Path) -> None:
 
 
 def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.ndarray:
-    """Fully sampled multi-coil k-space of magnitude slices (DESIGN.md §6).
+    """Fully sampled multi-coil k-space of magnitude slices, as a scanner file would hold.
 
-    Each slice gets birdcage coil maps (sigpy), normalised so that ``Σ_c |S_c|² = 1``, and a
-    seeded smooth (low-order polynomial) phase, as real acquisitions have; then the centred
-    orthonormal 2-D FFT. Phase encoding runs along the last axis.
+    The slices are one subject (named by ``seed``) of consecutive positions: each gets the
+    shared simulator's smooth phase, then birdcage coil maps (sigpy, ``Σ_c |S_c|² = 1``)
+    and the centred orthonormal 2-D FFT. Phase encoding runs along the last axis.
 
     Args:
         images: ``(N, H, W)`` real slices.
@@ -207,20 +390,12 @@ def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.n
     Returns:
         ``(N, coils, H, W)`` complex64 k-space.
     """
+    from ambient_med.physics.acquisition import complex_slices, multicoil_kspace
     from ambient_med.physics.coils import birdcage
 
     n, height, width = images.shape
-    maps = birdcage(coils, height, width)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
-    out = np.empty((n, coils, height, width), dtype=np.complex64)
-    for i in range(n):
-        a, b, c, d = rng.uniform(-1.0, 1.0, size=4)
-        phase = np.exp(1j * np.pi * (a * xx + b * yy + 0.5 * c * xx * yy + 0.25 * d))
-        coil_images = maps * (images[i] * phase)[None]
-        shifted = np.fft.ifftshift(coil_images, axes=(-2, -1))
-        out[i] = np.fft.fftshift(np.fft.fft2(shifted, norm="ortho"), axes=(-2, -1))
-    return out
+    phased = complex_slices(images, [f"file-{seed}"] * n, np.arange(n), seed)
+    return multicoil_kspace(phased, birdcage(coils, height, width))
 
 
 def write_fastmri(

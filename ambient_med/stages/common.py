@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from ambient_med.diffusion.model import AmbientDenoiser, build_denoiser
-from ambient_med.diffusion.training import TrainingSet, fixed_further_masks, to_image_channels
+from ambient_med.diffusion.training import TrainingSet, fixed_further_masks
 from ambient_med.errors import AmbientMedError
-from ambient_med.io.store import load_torch, read_measurements, read_slices
+from ambient_med.io.store import SliceStore, load_torch, read_measurements, read_slices
+from ambient_med.physics.acquisition import as_channels, complex_slices
 from ambient_med.physics.operators import MultiCoilSense, PixelMask, SingleCoilFourier
 
 MODEL_FORMAT = "ambient-med/model/1"
@@ -50,6 +51,20 @@ def example_keys(subjects: list[str], subject: np.ndarray, slice_index: np.ndarr
     ]
 
 
+def clean_images(store: SliceStore, rows: np.ndarray, kind: str, seed: int) -> torch.Tensor:
+    """The clean images of ``rows`` in a model's layout ``(N, C, H, W)``.
+
+    Pixel mode: the real magnitudes (1 channel). K-space kinds: the complex images the
+    simulated acquisition starts from — magnitude × the subject's smooth phase — so clean
+    models, evaluations and measurements all see the same objects (DESIGN.md §6).
+    """
+    images = store.images[rows]
+    if kind == "pixel":
+        return as_channels(images)
+    subjects = [store.index.subjects[v] for v in store.index.subject[rows]]
+    return as_channels(complex_slices(images, subjects, store.index.slice_index[rows], seed))
+
+
 def load_examples(
     path: str | Path,
     mode: str,
@@ -68,7 +83,7 @@ def load_examples(
     if mode == "clean":
         store = read_slices(path)
         rows = store.index.rows(split)
-        return TrainingSet(to_image_channels(store.images[rows], kind), kind, mode, delta=delta)
+        return TrainingSet(clean_images(store, rows, kind, seed), kind, mode, delta=delta)
     meas = read_measurements(path)
     if meas.attrs.get("kind") != kind:
         raise AmbientMedError(

@@ -1,7 +1,8 @@
 """Rule `corrupt`: clean slices → measurements y = A x0, masks and operator metadata.
 
 The output holds no clean image: pixel mode keeps only the observed pixels, k-space mode only
-the acquired phase-encode lines. Each mask is a pure function of (cohort seed, kind, subject,
+the acquired phase-encode lines of the slice given its subject's smooth phase
+(``ambient_med.physics.acquisition``). Each mask is a pure function of (cohort seed, kind, subject,
 slice), so reruns are bit-identical.
 """
 
@@ -14,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ambient_med.diffusion.training import to_image_channels
 from ambient_med.errors import AmbientMedError
 from ambient_med.io.export import write_png_grid
 from ambient_med.io.store import (
@@ -25,7 +25,7 @@ from ambient_med.io.store import (
 )
 from ambient_med.physics.masks import LineMaskFunc, derive_seed, pixel_mask
 from ambient_med.physics.operators import PixelMask, SingleCoilFourier
-from ambient_med.stages.common import example_keys, spread_rows
+from ambient_med.stages.common import clean_images, example_keys, spread_rows
 
 log = logging.getLogger(__name__)
 KINDS = ("pixel", "kspace", "native")
@@ -108,7 +108,9 @@ def run(
     seed = cfg["cohort"]["seed"]
     n, height, width = store.images.shape
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    x0 = to_image_channels(store.images, kind)
+    # K-space: each slice carries its subject's smooth phase, so no line is free (its
+    # conjugate mirror is not the same information any more).
+    x0 = clean_images(store, np.arange(n), kind, seed)
     settings = cfg["corrupt"][kind]
     if kind == "pixel":
         masks = np.stack(
@@ -133,6 +135,7 @@ def run(
             "center_fraction": settings["center_fraction"],
             "mask_type": settings["mask_type"],
             "phase_encode_axis": "last",
+            "phase": "smooth random, seeded per (cohort seed, subject)",
         }
         observed = masks.mean()
     with torch.no_grad():

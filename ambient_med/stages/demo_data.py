@@ -19,6 +19,7 @@ def run(cfg: dict[str, Any], output: Path) -> None:
         voxel_mm=demo["voxel_mm"],
         dicom_every=demo["dicom_every"],
         seed=cfg["cohort"]["seed"],
+        contrast=demo["contrast"],
     )
     for name, kind in written:
         log.info("wrote %s (%s)", name, kind)

@@ -29,12 +29,11 @@ import numpy as np
 from ambient_med.diffusion.denoising import heldout_observed_error, x0_prediction_error
 from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm
-from ambient_med.diffusion.training import to_image_channels
 from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.generation import generation_metrics
 from ambient_med.io.export import write_table
 from ambient_med.io.store import atomic_path, read_slices
-from ambient_med.stages.common import load_examples, load_model, spread_rows
+from ambient_med.stages.common import clean_images, load_examples, load_model, spread_rows
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def run(
     store = read_slices(slices_path)
     rows = spread_rows(store.index.rows("holdout"), limit)
     if len(rows) and meta["kind"] != "native":
-        x0 = to_image_channels(store.images[rows], meta["kind"])
+        x0 = clean_images(store, rows, meta["kind"], seed)
         errors = x0_prediction_error(net, meta, x0, alphas, timesteps, seed)
         power = float(x0.square().mean())
         metrics["holdout_slices"] = len(rows)

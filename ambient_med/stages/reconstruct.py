@@ -1,8 +1,10 @@
 """Rule `reconstruct`: undersampled hold-out scans → reconstructions, with honest baselines.
 
 For every hold-out volume of the cohort, each configured acceleration R is applied
-retrospectively (1-D Cartesian lines; single-coil, or multi-coil with simulated birdcage
-sensitivities when ``reconstruct.coils > 1``; optional complex Gaussian noise). The same
+retrospectively by the shared simulator (``ambient_med.physics.acquisition``): each slice
+gets its subject's smooth phase, then 1-D Cartesian lines; single-coil, or multi-coil with
+simulated birdcage sensitivities when ``reconstruct.coils > 1``; optional complex Gaussian
+noise. The same
 measurements are then reconstructed by:
 
 - ``zero_filled``: |A^H y|;
@@ -16,8 +18,10 @@ scans, fastMRI HDF5 or ISMRMRD) is also reconstructed as acquired, without a ref
 Writes, under ``reconstruct/files/``: one NIfTI per volume, method and R (the volume's
 grid affine), a derived DICOM series of the first diffusion sampler per volume and R, and a
 PNG panel per R (reference | zero-filled | CS | diffusion, with error maps); and
-``reconstruct/metrics.json``: flat keys ``{method}_R{R}_{psnr,ssim,nrmse}`` (mean over
-slices), ``..._std`` (spread over slices) and ``{method}_R{R}_seconds_per_slice``.
+``reconstruct/metrics.json``: flat keys ``{method}_R{R}_{psnr,ssim,ssim_fg,nrmse}`` (per
+volume as fastMRI computes them, then the mean over hold-out volumes; magnitudes against the
+magnitude reference), ``..._std`` (spread over volumes), ``{method}_R{R}_seconds_per_slice``
+and ``holdout_volumes``.
 """
 
 from __future__ import annotations
@@ -37,20 +41,18 @@ from ambient_med.diffusion.samplers import one_step_reconstruction, posterior_sa
 from ambient_med.diffusion.training import inference_operator
 from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.figures import display_orientation
-from ambient_med.evaluation.metrics import slice_metrics
+from ambient_med.evaluation.metrics import METRICS, per_volume_metrics
 from ambient_med.io.export import write_derived_series, write_slice_volume
 from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.store import atomic_path, read_slices
-from ambient_med.physics.coils import birdcage
-from ambient_med.physics.masks import LineMaskFunc, derive_seed
+from ambient_med.physics.acquisition import Acquisition
+from ambient_med.physics.masks import derive_seed
 from ambient_med.physics.operators import (
     Identity,
     MaskedOperator,
     MultiCoilSense,
     RealImage,
     SingleCoilFourier,
-    add_measurement_noise,
-    to_complex,
 )
 from ambient_med.physics.recon import choose_lambda, l1_wavelet
 from ambient_med.stages.common import example_keys, load_model, magnitude, spread_rows
@@ -58,45 +60,23 @@ from ambient_med.stages.common import example_keys, load_model, magnitude, sprea
 log = logging.getLogger(__name__)
 
 
-class Acquisition:
-    """Retrospective undersampling of magnitude slices at one acceleration."""
+def acquisition(rc: dict[str, Any], acceleration: float, size: int, seed: int) -> Acquisition:
+    """The simulated acquisition of the ``reconstruct`` config section at one R."""
+    return Acquisition(
+        acceleration,
+        rc["center_fraction"],
+        rc["mask_type"],
+        size,
+        seed,
+        coils=rc["coils"],
+        noise_sigma=rc["noise_sigma"],
+    )
 
-    def __init__(self, rc: dict[str, Any], acceleration: float, size: int, seed: int) -> None:
-        self.func = LineMaskFunc([rc["center_fraction"]], [acceleration], rc["mask_type"])
-        self.coils = int(rc["coils"])
-        self.sigma = float(rc["noise_sigma"])
-        self.maps = torch.from_numpy(birdcage(self.coils, size, size)) if self.coils > 1 else None
-        self.size = size
-        self.seed = seed
-        self.acceleration = acceleration
 
-    def operator(self, keys: list[str]) -> MaskedOperator:
-        masks = np.stack(
-            [
-                self.func(self.size, derive_seed(self.seed, "recon", self.acceleration, k))
-                for k in keys
-            ]
-        )
-        mask = torch.from_numpy(masks)
-        if self.maps is None:
-            return SingleCoilFourier(mask, self.size)
-        return MultiCoilSense(mask, self.maps.expand(len(keys), -1, -1, -1))
-
-    def measure(self, op: MaskedOperator, images: np.ndarray, key: str) -> torch.Tensor:
-        x = torch.from_numpy(images)[:, None]
-        y = op.A(torch.cat([x, torch.zeros_like(x)], dim=1))
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "noise", key))
-        return add_measurement_noise(y, op, self.sigma, generator)
-
-    def numpy_kspace(self, op: MaskedOperator, y: torch.Tensor, i: int):
-        """(coils, H, W) k-space, maps and mask of example ``i`` for sigpy."""
-        if isinstance(op, MultiCoilSense):
-            kspace = torch.view_as_complex(y[i].contiguous()).numpy()
-            maps = op.maps[i].numpy()
-        else:
-            kspace = to_complex(y[i : i + 1]).numpy()
-            maps = np.ones_like(kspace)
-        return kspace, maps, op.line_mask[i].numpy()
+def slice_identity(store, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(subject pseudonym, slice index) of the store rows ``rows``: what seeds their phase."""
+    subjects = [store.index.subjects[v] for v in store.index.subject[rows]]
+    return subjects, store.index.slice_index[rows]
 
 
 def _diffusion(net, meta, rc, op, y, seed, sampler) -> np.ndarray:
@@ -151,12 +131,12 @@ def baselines(
     acq: Acquisition,
     op: MaskedOperator,
     y: torch.Tensor,
-    validation: tuple[np.ndarray, list[str]],
+    validation: tuple[MaskedOperator, torch.Tensor, np.ndarray],
     lambdas: list[float],
-    tag: str,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
     """Zero-filled and L1-wavelet CS reconstructions of ``y``, λ chosen on ``validation``
-    (training-subject slices and their keys, never the hold-out).
+    (operator, measurements and magnitude references of training-subject slices, never the
+    hold-out).
 
     Returns:
         ({method: (N, H, W) magnitudes}, {method: seconds per slice}, chosen λ).
@@ -165,9 +145,7 @@ def baselines(
     start = time.perf_counter()
     results = {"zero_filled": magnitude(op.A_adjoint(y))}
     seconds = {"zero_filled": (time.perf_counter() - start) / n}
-    val_images, val_keys = validation
-    val_op = acq.operator(val_keys)
-    val_y = acq.measure(val_op, val_images, f"validation-{tag}")
+    val_op, val_y, val_images = validation
 
     def cs(i: int, lamda: float, op_=val_op, y_=val_y) -> np.ndarray:
         return np.abs(l1_wavelet(*acq.numpy_kspace(op_, y_, i), lamda))
@@ -177,6 +155,15 @@ def baselines(
     results["cs_l1"] = np.stack([cs(i, lamda, op, y) for i in range(n)]).astype(np.float32)
     seconds["cs_l1"] = (time.perf_counter() - start) / n
     return results, seconds, lamda
+
+
+def undersample(
+    acq: Acquisition, store, rows: np.ndarray, keys: list[str], noise_key: str
+) -> tuple[MaskedOperator, torch.Tensor]:
+    """(A, y) of the store rows ``rows``: each slice with its subject's phase, its own mask."""
+    op = acq.operator([keys[r] for r in rows])
+    subjects, slice_index = slice_identity(store, rows)
+    return op, acq.measure(op, store.images[rows], subjects, slice_index, noise_key)
 
 
 def retrospective(
@@ -195,11 +182,11 @@ def retrospective(
         methods then reconstruct the same ``y`` with the same ``A``.
     """
     tag = f"R{acceleration:g}"
-    acq = Acquisition(rc, acceleration, store.images.shape[-1], seed)
-    op = acq.operator([keys[r] for r in holdout])
-    y = acq.measure(op, store.images[holdout], f"holdout-{tag}")
-    val = (store.images[validation], [keys[r] for r in validation])
-    results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]), tag)
+    acq = acquisition(rc, acceleration, store.images.shape[-1], seed)
+    op, y = undersample(acq, store, holdout, keys, f"holdout-{tag}")
+    val_op, val_y = undersample(acq, store, validation, keys, f"validation-{tag}")
+    val = (val_op, val_y, store.images[validation])
+    results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]))
     return op, y, results, seconds, lamda
 
 
@@ -299,8 +286,10 @@ def run(
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
     validation = spread_rows(store.index.rows("train"), rc["validation_slices"])
     reference = store.images[holdout]
+    volumes = store.index.subject[holdout]
     samplers = list(rc["samplers"])
     metrics["holdout_slices"] = len(holdout)
+    metrics["holdout_volumes"] = len(np.unique(volumes))
     for acceleration in rc["accelerations"]:
         tag = f"R{acceleration:g}"
         op, y, results, seconds, lamda = retrospective(
@@ -311,18 +300,20 @@ def run(
         results |= learned
         seconds |= learned_seconds
         for method, images in results.items():
-            per_slice = slice_metrics(reference, images)
-            for name, values in per_slice.items():
+            per_volume = per_volume_metrics(reference, images, volumes)
+            for name in METRICS:
+                values = np.array([scores[name] for scores in per_volume.values()])
                 metrics[f"{method}_{tag}_{name}"] = float(values.mean())
                 metrics[f"{method}_{tag}_{name}_std"] = float(values.std())
             metrics[f"{method}_{tag}_seconds_per_slice"] = seconds[method]
             log.info(
-                "%s %s: PSNR %.2f dB, SSIM %.3f, NRMSE %.3f, %.2f s/slice",
+                "%s %s: PSNR %.2f dB, SSIM %.3f (foreground %.3f), NRMSE %.3f, %.2f s/slice",
                 tag,
                 method,
-                per_slice["psnr"].mean(),
-                per_slice["ssim"].mean(),
-                per_slice["nrmse"].mean(),
+                metrics[f"{method}_{tag}_psnr"],
+                metrics[f"{method}_{tag}_ssim"],
+                metrics[f"{method}_{tag}_ssim_fg"],
+                metrics[f"{method}_{tag}_nrmse"],
                 seconds[method],
             )
         _write_volumes(files_dir, store, holdout, results, tag, samplers, seed)
