@@ -36,11 +36,13 @@ def commit() -> str:
         return "unknown"
 
 
-def write_results(name: str, started: float, rows: list[dict[str, Any]]) -> Path:
+def write_results(
+    name: str, started: float, rows: list[dict[str, Any]], folder: Path = RESULTS
+) -> Path:
     """Writes ``benchmarks/results/NAME.json`` (CPU) or ``NAME.gpu.json`` (GPU) atomically."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     suffix = ".gpu.json" if machine_kind() == "gpu" else ".json"
-    path = RESULTS / f"{name}{suffix}"
+    path = folder / f"{name}{suffix}"
     payload = {
         "commit": commit(),
         "machine": machine_description(),
@@ -53,6 +55,25 @@ def write_results(name: str, started: float, rows: list[dict[str, Any]]) -> Path
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def load_config(path: Path, overlay: Path | None = None) -> dict:
+    """A config file, optionally overlaid section by section (as Snakemake's --configfile
+    overlays do), validated."""
+    import yaml
+
+    from ambient_med.config import load_config as load_validated
+    from ambient_med.config import validate_config
+
+    if overlay is None:
+        return load_validated(path)
+    merged = yaml.safe_load(Path(path).read_text())
+    for key, value in yaml.safe_load(Path(overlay).read_text()).items():
+        if isinstance(value, dict):
+            merged.setdefault(key, {}).update(value)
+        else:
+            merged[key] = value
+    return validate_config(merged)
 
 
 def start(threads: int) -> float:

@@ -1,149 +1,318 @@
-"""Reconstruction quality of `clean`, `ambient` and `naive` priors against the baselines.
+"""Reconstruction quality of `ambient`, `naive` and `clean` priors against the baselines,
+over several training seeds and every hold-out volume, with 95 % bootstrap intervals.
 
-Trains (or reuses) the three models on the demo cohort at 64x64 with the same budget —
-k-space corruption at R = 4 for `ambient`/`naive` — then undersamples the hold-out slices at
-R = 2, 4, 6, 8, single-coil and 4-coil (simulated birdcage sensitivities, SENSE operator),
-and reconstructs them with zero-filling, L1-wavelet CS (λ chosen on training-subject slices)
-and each diffusion sampler (dc, dps, one_step).
+Data: the demo cohort (distinct synthetic subjects, 2 of them held out), every simulated
+acquisition with its subject's smooth phase. Models: the config's UNet and budget (or
+``--steps``), k-space R = 4 training for `ambient`/`naive`, one model per training seed
+(``train.seed``; the data and hold-out stay the same). Test: the hold-out slices undersampled
+at each ``--accelerations`` R (single-coil), reconstructed by zero-filling, L1-wavelet CS (λ
+chosen on training-subject slices) and each diffusion sampler.
 
-    python benchmarks/reconstruction.py                      # CPU settings (below)
-    python benchmarks/reconstruction.py --gpu                # longer: 20k steps, 500 sampling steps
+    python benchmarks/reconstruction.py                  # CPU: 3 seeds, default budget
+    python benchmarks/reconstruction.py --short          # seconds: the test suite's version
 
-CPU settings, shrunk to fit about two hours on 2 cores: the default config's model and
-training budget (1000 steps), `--slices` hold-out slices (12), 50 DDIM steps. Models are
-shared with benchmarks/denoising.py when both use the same work folder and config.
+Resumable: models are trained (and resumed) under ``--workdir``; per-volume scores are
+appended to ``scores.jsonl`` there and skipped when present, and the result file is rewritten
+after every model, so a killed run loses at most one model's work.
 
-Writes benchmarks/results/reconstruction.json (DESIGN.md §7) with rows {method, train_mode,
-sampler, R, coils, psnr, ssim, nrmse, seconds_per_slice} and a markdown table beside it.
+Writes benchmarks/results/reconstruction.json (rows {method, train_mode, corruption,
+sampler, R, p, coils, seeds, volumes, psnr, psnr_ci95, ssim, ssim_fg, nrmse,
+seconds_per_slice}; `method` "difference" rows hold the paired ambient − naive and ambient −
+clean PSNR per sampler and R) and reconstruction.md beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, demo_slices, machine_kind, start, write_results  # noqa: E402
+import numpy as np
 
-from ambient_med.config import load_config, stage_config  # noqa: E402
-from ambient_med.evaluation.metrics import slice_metrics  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS,
+    demo_slices,
+    load_config,
+    machine_kind,
+    start,
+    write_results,
+)
+
+from ambient_med.config import stage_config  # noqa: E402
+from ambient_med.evaluation.metrics import METRICS, bootstrap_ci, per_volume_metrics  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
-MODES = ("clean", "ambient", "naive")
+MODES = ("ambient", "naive", "clean")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
-    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/work/denoising"))
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model")
-    parser.add_argument("--slices", type=int, default=12, help="hold-out slices")
-    parser.add_argument("--accelerations", type=float, nargs="+", default=[2, 4, 6, 8])
-    parser.add_argument("--coils", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--samplers", nargs="+", default=["dc", "dps", "one_step"])
-    parser.add_argument("--sampling-steps", type=int, default=50)
-    parser.add_argument("--gpu", action="store_true", help="GPU-sized run: longer everything")
-    parser.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train even where the work folder already holds a model (default: reuse it)",
-    )
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    started = start(args.threads)
-    config = load_config(args.config)
-    if args.gpu:
-        config["train"] |= {"steps": 20000, "batch_size": 32, "device": "cuda"}
-        args.sampling_steps, args.slices = 500, 100
-    if args.steps:
-        config["train"]["steps"] = args.steps
-    config["train"]["checkpoint_every"] = config["train"]["steps"]
+def holdout_rows(store, per_volume: int) -> np.ndarray:
+    """``per_volume`` evenly spaced slices of every hold-out volume."""
+    rows = store.index.rows("holdout")
+    picked = [
+        spread_rows(rows[store.index.subject[rows] == v], per_volume)
+        for v in np.unique(store.index.subject[rows])
+    ]
+    return np.concatenate(picked)
 
-    work = args.workdir
-    slices = demo_slices(config, work)
-    measurements = work / "kspace.h5"
-    if not measurements.exists():
-        corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
-    models = {}
-    for mode in MODES:
-        config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": mode}
-        out = work / f"{mode}_kspace"
-        source = slices if mode == "clean" else measurements
-        cfg = stage_config(config, "demo", "train")
-        if args.retrain or not (out / "model.pt").exists():
-            train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
-        models[mode] = load_model(out / "model.pt")
-        if models[mode][1]["steps"] != config["train"]["steps"]:
-            raise SystemExit(f"{out / 'model.pt'} has {models[mode][1]['steps']} steps: --retrain")
 
-    store = read_slices(slices)
-    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    holdout = spread_rows(store.index.rows("holdout"), args.slices)
-    validation = spread_rows(store.index.rows("train"), 6)
-    reference = store.images[holdout]
-    rc = dict(config["reconstruct"])
-    rc |= {"samplers": args.samplers, "steps": args.sampling_steps}
-    seed = config["cohorts"]["demo"]["seed"]
+def load_scores(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_scores(path: Path, records: list[dict]) -> None:
+    with open(path, "a") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def score_records(reference, images, volumes, seconds, **keys) -> list[dict]:
+    return [
+        keys | {"volume": v, "seconds_per_slice": seconds} | scores
+        for v, scores in per_volume_metrics(reference, images, volumes).items()
+    ]
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """Rows of the contract: mean over seeds × volumes, bootstrap interval of the PSNR."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        key = (r["method"], r["train_mode"], r["corruption"], r["sampler"], r["R"], r["coils"])
+        groups[key].append(r)
     rows = []
-
-    def record(method, mode, sampler, acceleration, coils, images, seconds):
-        scores = slice_metrics(reference, images)
+    tables = {}
+    for (method, mode, corruption, sampler, accel, coils), group in sorted(
+        groups.items(), key=lambda item: tuple(str(x) for x in item[0])
+    ):
+        seeds = sorted({r["seed"] for r in group})
+        volumes = sorted({r["volume"] for r in group})
+        table = {
+            name: np.array(
+                [[_find(group, s, v)[name] for v in volumes] for s in seeds], dtype=np.float64
+            )
+            for name in (*METRICS, "seconds_per_slice")
+        }
+        tables[(mode, corruption, sampler, accel, coils)] = (seeds, volumes, table["psnr"])
+        low, high = bootstrap_ci(table["psnr"])
         rows.append(
             {
                 "method": method,
                 "train_mode": mode,
+                "corruption": corruption,
                 "sampler": sampler,
-                "R": acceleration,
+                "R": accel,
+                "p": None,
                 "coils": coils,
-                "psnr": round(float(scores["psnr"].mean()), 3),
-                "ssim": round(float(scores["ssim"].mean()), 4),
-                "nrmse": round(float(scores["nrmse"].mean()), 4),
-                "seconds_per_slice": round(seconds, 4),
+                "seeds": len(seeds),
+                "volumes": len(volumes),
+                "psnr": round(float(table["psnr"].mean()), 3),
+                "psnr_ci95": [round(low, 3), round(high, 3)],
+                "ssim": round(float(table["ssim"].mean()), 4),
+                "ssim_fg": round(float(table["ssim_fg"].mean()), 4),
+                "nrmse": round(float(table["nrmse"].mean()), 4),
+                "seconds_per_slice": round(float(table["seconds_per_slice"].mean()), 4),
             }
         )
-        logging.info("%s", rows[-1])
-
-    for coils in args.coils:
-        rc["coils"] = coils
-        for acceleration in args.accelerations:
-            op, y, results, seconds, _ = retrospective(
-                rc, acceleration, store, holdout, validation, keys, seed
+    # Paired differences: same seed index and volume, ambient against each baseline.
+    for (mode, corruption, sampler, accel, coils), (seeds, volumes, psnr) in tables.items():
+        if mode != "ambient":
+            continue
+        for other in ("naive", "clean"):
+            match = tables.get((other, corruption, sampler, accel, coils))
+            if match is None or match[0] != seeds or match[1] != volumes:
+                continue
+            diff = psnr - match[2]
+            low, high = bootstrap_ci(diff)
+            rows.append(
+                {
+                    "method": "difference",
+                    "train_mode": f"ambient-{other}",
+                    "corruption": corruption,
+                    "sampler": sampler,
+                    "R": accel,
+                    "p": None,
+                    "coils": coils,
+                    "seeds": len(seeds),
+                    "volumes": len(volumes),
+                    "psnr": round(float(diff.mean()), 3),
+                    "psnr_ci95": [round(low, 3), round(high, 3)],
+                    "ssim": None,
+                    "ssim_fg": None,
+                    "nrmse": None,
+                    "seconds_per_slice": None,
+                }
             )
-            for method in ("zero_filled", "cs_l1"):
-                record(method, "", "", acceleration, coils, results[method], seconds[method])
-            for mode, (net, meta) in models.items():
-                learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed)
-                for name, images in learned.items():
-                    sampler = name.removeprefix("diffusion_")
-                    record(
-                        "diffusion",
-                        mode,
-                        sampler,
-                        acceleration,
-                        coils,
-                        images,
-                        learned_seconds[name],
-                    )
+    return rows
 
-    path = write_results("reconstruction", started, rows)
-    suffix = ".gpu.md" if machine_kind() == "gpu" else ".md"
+
+def _find(group: list[dict], seed: int, volume: int) -> dict:
+    for r in group:
+        if r["seed"] == seed and r["volume"] == volume:
+            return r
+    raise KeyError((seed, volume))
+
+
+def write_markdown(rows: list[dict], path: Path, note: str) -> None:
     lines = [
-        "| method | train_mode | sampler | R | coils | PSNR | SSIM | NRMSE | s/slice |",
+        note,
+        "",
+        "| method | train_mode | sampler | R | seeds×vols | PSNR [95 % CI] | SSIM | SSIM fg "
+        "| NRMSE |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        ci = r["psnr_ci95"]
+
+        def fmt(value, digits=3):
+            return "" if value is None else f"{value:.{digits}f}"
+
         lines.append(
-            f"| {r['method']} | {r['train_mode']} | {r['sampler']} | {r['R']:g} | {r['coils']} "
-            f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {r['nrmse']:.3f} | "
-            f"{r['seconds_per_slice']:.3f} |"
+            f"| {r['method']} | {r['train_mode']} | {r['sampler']} | {r['R']:g} | "
+            f"{r['seeds']}×{r['volumes']} | {r['psnr']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | "
+            f"{fmt(r['ssim'])} | {fmt(r['ssim_fg'])} | {fmt(r['nrmse'])} |"
         )
-    (RESULTS / f"reconstruction{suffix}").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
+    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/work/reconstruction"))
+    parser.add_argument("--steps", type=int, default=None, help="training steps per model")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--slices-per-volume", type=int, default=8)
+    parser.add_argument("--accelerations", type=float, nargs="+", default=[4, 8])
+    parser.add_argument("--samplers", nargs="+", default=["dc", "dps", "one_step"])
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--short", action="store_true", help="tiny config, seconds")
+    parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    started = start(args.threads)
+    config = load_config(args.config, Path("config/tiny.yaml") if args.short else None)
+    if args.short:
+        args.sampling_steps = min(args.sampling_steps, 3)
+    if args.steps:
+        config["train"]["steps"] = args.steps
+    config["train"]["checkpoint_every"] = min(200, config["train"]["steps"])
+    config["cohorts"]["demo"]["corruption"] = "kspace"
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    slices = demo_slices(config, work)
+    measurements = work / "kspace.h5"
+    if not measurements.exists():
+        corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
+    store = read_slices(slices)
+    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    holdout = holdout_rows(store, args.slices_per_volume)
+    volumes = store.index.subject[holdout]
+    validation = spread_rows(store.index.rows("train"), 6)
+    reference = store.images[holdout]
+    rc = dict(config["reconstruct"]) | {
+        "samplers": args.samplers,
+        "steps": args.sampling_steps,
+        "coils": 1,
+    }
+    seed = config["cohorts"]["demo"]["seed"]
+    scores_path = work / "scores.jsonl"
+    records = load_scores(scores_path)
+    done = {(r["method"], r["train_mode"], r["seed"], r["R"]) for r in records}
+    base = {"corruption": "kspace", "coils": 1}
+    results_dir = args.results or RESULTS
+    note = (
+        f"Demo cohort, {len(np.unique(volumes))} hold-out volumes × {args.slices_per_volume} "
+        f"slices, {config['train']['steps']} training steps, {args.sampling_steps} sampling "
+        "steps; k-space R = 4 training; single-coil test with a smooth phase."
+    )
+
+    def save() -> Path:
+        rows = aggregate(records)
+        path = write_results("reconstruction", started, rows, results_dir)
+        suffix = ".gpu.md" if machine_kind() == "gpu" else ".md"
+        write_markdown(rows, results_dir / f"reconstruction{suffix}", note)
+        return path
+
+    problems = {}
+    for accel in args.accelerations:
+        if ("zero_filled", "", 0, accel) in done:
+            continue
+        op, y, results, seconds, _ = retrospective(
+            rc, accel, store, holdout, validation, keys, seed
+        )
+        problems[accel] = (op, y)
+        for method in ("zero_filled", "cs_l1"):
+            new = score_records(
+                reference,
+                results[method],
+                volumes,
+                seconds[method],
+                method=method,
+                train_mode="",
+                sampler="",
+                R=accel,
+                seed=0,
+                **base,
+            )
+            append_scores(scores_path, new)
+            records.extend(new)
+    path = save()
+
+    for train_seed in args.seeds:
+        for mode in args.modes:
+            if all(("diffusion", mode, train_seed, a) in done for a in args.accelerations):
+                continue
+            config["cohorts"]["demo"]["train_mode"] = mode
+            config["train"]["seed"] = train_seed
+            out = work / f"{mode}_seed{train_seed}"
+            source = slices if mode == "clean" else measurements
+            cfg = stage_config(config, "demo", "train")
+            if not (out / "model.pt").exists():
+                train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
+            net, meta = load_model(out / "model.pt")
+            for accel in args.accelerations:
+                if ("diffusion", mode, train_seed, accel) in done:
+                    continue
+                if accel not in problems:
+                    op, y, *_ = retrospective(rc, accel, store, holdout, validation, keys, seed)
+                    problems[accel] = (op, y)
+                op, y = problems[accel]
+                learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed)
+                for name, images in learned.items():
+                    new = score_records(
+                        reference,
+                        images,
+                        volumes,
+                        learned_seconds[name],
+                        method="diffusion",
+                        train_mode=mode,
+                        sampler=name.removeprefix("diffusion_"),
+                        R=accel,
+                        seed=train_seed,
+                        **base,
+                    )
+                    append_scores(scores_path, new)
+                    records.extend(new)
+                    logging.info(
+                        "%s seed %d R%g %s: PSNR %.2f",
+                        mode,
+                        train_seed,
+                        accel,
+                        name,
+                        np.mean([r["psnr"] for r in new]),
+                    )
+            path = save()
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ambient_med.diffusion.losses import AmbientObjective
-from ambient_med.diffusion.model import build_ddpm
+from ambient_med.diffusion.model import AmbientDenoiser, build_ddpm, sigma_of
 from ambient_med.physics.masks import LineMaskFunc
 from ambient_med.physics.operators import Identity, PixelMask, SingleCoilFourier, fft2c
 
@@ -127,3 +127,83 @@ def test_min_snr_weighting_downweights_low_snr():
     w = objective.weights(torch.tensor([0, 99]))
     assert float(w[0]) == pytest.approx(5.0)  # SNR ~ 1e4, clamped at gamma
     assert float(w[1]) == pytest.approx(float(abar[99] / (1 - abar[99])), rel=1e-5)
+
+
+class ConstantUNet(nn.Module):
+    """Stands in for MONAI's UNet: returns the same value everywhere."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, timesteps):
+        return torch.full((x.shape[0], 1, *x.shape[2:]), self.value)
+
+
+def _edm_denoiser(image_channels: int, value: float) -> AmbientDenoiser:
+    net = AmbientDenoiser(
+        image_channels,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        norm_num_groups=4,
+        num_head_channels=4,
+        alphas_cumprod=build_ddpm(SCHEDULE).alphas_cumprod,
+        preconditioning="edm",
+    )
+    net.unet = ConstantUNet(value)
+    return net
+
+
+def test_edm_denoiser_passes_a_nearly_clean_input_through():
+    net = _edm_denoiser(1, value=0.0)  # the UNet contributes nothing
+    alphas = build_ddpm(SCHEDULE).alphas_cumprod
+    x0 = torch.rand(2, 1, 8, 8)
+    t = torch.zeros(2, dtype=torch.long)
+    x_t = alphas[0].sqrt() * x0 + (1 - alphas[0]).sqrt() * 0.01 * torch.randn_like(x0)
+    out = net(x_t, torch.ones(2, 1, 8, 8), t)
+    # σ_0 = 0.01: c_skip = 0.25 / (0.25 + 1e-4) ≈ 0.9996 of the VE-scaled input.
+    torch.testing.assert_close(out, x_t / alphas[0].sqrt(), atol=2e-3, rtol=1e-3)
+    # At high noise the skip fades: c_skip = σ_d² / (σ² + σ_d²).
+    t_high = torch.full((2,), 99, dtype=torch.long)
+    sigma = sigma_of(alphas[99])
+    expected = 0.25 / (sigma**2 + 0.25) * x_t / alphas[99].sqrt()
+    torch.testing.assert_close(net(x_t, torch.ones(2, 1, 8, 8), t_high), expected)
+    assert 0.25 / (sigma**2 + 0.25) < 0.5
+
+
+def test_edm_denoiser_predicts_unmeasured_entries_at_data_scale():
+    net = _edm_denoiser(1, value=1.0)  # F ≡ 1
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., ::2] = 1.0
+    t = torch.zeros(1, dtype=torch.long)
+    out = net(torch.zeros(1, 1, 8, 8), mask, t)
+    sigma = float(sigma_of(build_ddpm(SCHEDULE).alphas_cumprod[0]))
+    c_out = sigma * 0.5 / (sigma**2 + 0.25) ** 0.5
+    # Entries Ã measured: the skip plus c_out F (tiny at small σ); the rest: σ_d F.
+    torch.testing.assert_close(out[..., ::2], torch.full((1, 1, 8, 4), c_out))
+    torch.testing.assert_close(out[..., 1::2], torch.full((1, 1, 8, 4), 0.5))
+
+
+def test_edm_weighting_per_part_and_lognormal_noise_levels():
+    alphas = build_ddpm({"num_train_timesteps": 1000, "schedule": "linear_beta"}).alphas_cumprod
+    objective = AmbientObjective(alphas, "edm", noise_distribution="edm")
+    t = objective.sample_timesteps(4000, torch.Generator().manual_seed(0))
+    log_sigma = sigma_of(alphas[t]).log()
+    assert float(log_sigma.median()) == pytest.approx(-1.2, abs=0.1)
+    assert float(log_sigma.std()) == pytest.approx(1.2, abs=0.15)
+    # Loss: a residual of 1 on a kept entry costs λ(σ), on an entry B hid 1 / σ_d² = 4.
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., :2] = True
+    keep = mask.clone()
+    keep[..., 1] = False
+    op, op_tilde = PixelMask(mask), PixelMask(keep)
+
+    class Fixed(nn.Module):
+        def forward(self, z, mask_image, t):
+            return torch.ones(1, 1, 4, 4)
+
+    y = torch.zeros(1, 1, 4, 4)
+    t0 = torch.tensor([500])
+    loss, _ = objective(Fixed(), y, op, op_tilde, t0, torch.zeros(1, 1, 4, 4))
+    lam = float(objective.weights(t0))
+    assert float(loss) == pytest.approx((4 * lam + 4 * 4.0) / 8)

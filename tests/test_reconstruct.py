@@ -105,8 +105,7 @@ def test_posterior_samplers_reach_the_truth_with_an_oracle_prior(method):
         method=method,
     )
     assert float((out - truth).norm() / truth.norm()) < 1e-3
-    if method == "dc":
-        torch.testing.assert_close(op.A(out), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(op.A(out), y, atol=1e-5, rtol=0)
     single = one_step_reconstruction(Oracle(truth), op, y)
     torch.testing.assert_close(single, truth)
 
@@ -142,6 +141,9 @@ def test_dps_is_deterministic_and_seeded():
         for _ in range(2)
     ]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    # Whatever the (untrained) network says, DPS and one-step end on the measurements.
+    torch.testing.assert_close(op.A(runs[0]), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(op.A(one_step_reconstruction(net, op, y)), y, atol=1e-5, rtol=0)
 
 
 def test_reconstruct_stage_writes_nifti_dicom_png_and_metrics(demo_dir, tmp_path):
@@ -158,6 +160,7 @@ def test_reconstruct_stage_writes_nifti_dicom_png_and_metrics(demo_dir, tmp_path
         tmp_path / "ck",
     )
     files = tmp_path / "files"
+    cfg["reconstruct"] |= {"posterior_samples": 2, "inference_mask": "scan"}
     reconstruct.run(
         stage_config(cfg, "demo", "reconstruct"),
         tmp_path / "model.pt",
@@ -173,6 +176,13 @@ def test_reconstruct_stage_writes_nifti_dicom_png_and_metrics(demo_dir, tmp_path
 
     niftis = sorted(files.glob("*_R4_diffusion_dc.nii.gz"))
     assert len(niftis) == 2  # one per hold-out volume
+    # Two posterior samples: their mean is the reconstruction, their spread a map beside it.
+    spread = nib.load(str(niftis[0]).replace("_diffusion_dc.", "_diffusion_dc_std."))
+    values = np.asarray(spread.dataobj)
+    assert values.shape == nib.load(niftis[0]).shape and values.min() >= 0 and values.max() > 0
+    assert not list(files.glob("*_diffusion_one_step_std.nii.gz"))  # deterministic
+    with Image.open(files / "uncertainty_R4.png") as picture:
+        assert picture.format == "PNG"
     image = nib.load(niftis[0])
     assert image.shape[:2] == (32, 32) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
     dicom_dir = Path(str(niftis[0]).removesuffix(".nii.gz") + "_dicom")

@@ -82,13 +82,14 @@ def posterior_sample(
         shape: ``(B, C, H, W)`` of the images.
 
     Returns:
-        ``(B, C, H, W)`` reconstructions (data-consistent for ``dc``).
+        ``(B, C, H, W)`` reconstructions, data-consistent (projected onto the measurements
+        after the last step, for both methods).
     """
     if method not in ("dps", "dc"):
         raise ValueError(f"sampler must be 'dps' or 'dc', got {method!r}")
     x_t = torch.randn(shape, generator=generator).to(device)
     inference = make_operator(shape[0], 0)
-    x0_hat = x_t
+    last = x_t
     for step, t in enumerate(ddim.timesteps):
         if redraw_mask and step > 0:
             inference = make_operator(shape[0], step)
@@ -108,13 +109,20 @@ def posterior_sample(
                 )
                 x_t = x_prev - zeta * grad
             x0_hat = x0_hat.detach()
+            # DDIM's last step lands on x̂0 (ᾱ_prev = 1), so x_t now holds x̂0 with the final
+            # likelihood update applied: keep it rather than the pre-update x̂0.
+            last = x_t.detach()
         else:
             with torch.no_grad():
                 z = inference.A_adjoint(inference.A(x_t))
                 x0_hat = net(z, inference.mask_image(), t_batch).float()
                 x0_hat = data_consistent(op, x0_hat, measurements)
                 x_t, _ = ddim.step(x0_hat, int(t), x_t, eta=eta, generator=generator)
-    return x0_hat
+            last = x0_hat
+    # Every reconstruction ends on the data (a projection; CG for SENSE): without it DPS
+    # scored below zero-filled.
+    with torch.no_grad():
+        return data_consistent(op, last, measurements)
 
 
 @torch.no_grad()
@@ -125,7 +133,8 @@ def one_step_reconstruction(
     t_min: int = 0,
     mask_op: MaskedOperator | None = None,
 ) -> torch.Tensor:
-    """x̂ = h_θ([A^H y, mask], t_min): the denoiser applied once to the zero-filled image.
+    """x̂ = DC(h_θ([A^H y, mask], t_min)): the denoiser applied once to the zero-filled
+    image, then projected onto the measurements.
 
     ``mask_op`` supplies the mask channel when A's own is not what the model was trained to
     read (the identity for clean/naive models).
@@ -133,4 +142,4 @@ def one_step_reconstruction(
     z = op.A_adjoint(measurements)
     mask_image = (mask_op or op).mask_image()
     t = torch.full((z.shape[0],), int(t_min), dtype=torch.long, device=z.device)
-    return net(z, mask_image, t).float()
+    return data_consistent(op, net(z, mask_image, t).float(), measurements)

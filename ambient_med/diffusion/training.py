@@ -220,7 +220,7 @@ class Trainer:
         idx = torch.randint(len(self.data), (self.batch_size,), generator=self.generator)
         op, op_tilde = self.data.operators(idx, self.generator, self.device)
         y = self.data.targets[idx].to(self.device)
-        t = torch.randint(self.num_timesteps, (self.batch_size,), generator=self.generator)
+        t = self.objective.sample_timesteps(self.batch_size, self.generator)
         shape = (self.batch_size, self.data.image_channels, *self.data.image_shape)
         noise = torch.randn(shape, generator=self.generator).to(self.device)
         self.net.train()

@@ -15,7 +15,7 @@ from ambient_med.io.store import SliceStore, load_torch, read_measurements, read
 from ambient_med.physics.acquisition import as_channels, complex_slices
 from ambient_med.physics.operators import MultiCoilSense, PixelMask, SingleCoilFourier
 
-MODEL_FORMAT = "ambient-med/model/1"
+MODEL_FORMAT = "ambient-med/model/2"  # 2: EDM preconditioning, schedule buffer
 
 
 def load_model(path: str | Path) -> tuple[AmbientDenoiser, dict[str, Any]]:
@@ -25,7 +25,7 @@ def load_model(path: str | Path) -> tuple[AmbientDenoiser, dict[str, Any]]:
         raise AmbientMedError(
             f"model '{path}': format {state.get('format')!r} is not {MODEL_FORMAT}"
         )
-    net = build_denoiser(state["model"], int(state["image_channels"]))
+    net = build_denoiser(state["model"], int(state["image_channels"]), state["scheduler"])
     net.load_state_dict(state["state_dict"])
     net.eval()
     meta = {k: v for k, v in state.items() if k != "state_dict"}

@@ -34,19 +34,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ambient_med.diffusion.model import build_ddim
 from ambient_med.diffusion.samplers import one_step_reconstruction, posterior_sample
 from ambient_med.diffusion.training import inference_operator
 from ambient_med.errors import AmbientMedError
-from ambient_med.evaluation.figures import display_orientation
+from ambient_med.evaluation.figures import recon_panel
 from ambient_med.evaluation.metrics import METRICS, per_volume_metrics
-from ambient_med.io.export import write_derived_series, write_slice_volume
+from ambient_med.io.export import write_derived_series, write_png_grid, write_slice_volume
 from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.physics.acquisition import Acquisition
-from ambient_med.physics.masks import derive_seed
+from ambient_med.physics.masks import derive_seed, further_kspace_mask
 from ambient_med.physics.operators import (
     Identity,
     MaskedOperator,
@@ -79,50 +78,75 @@ def slice_identity(store, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
     return subjects, store.index.slice_index[rows]
 
 
-def _diffusion(net, meta, rc, op, y, seed, sampler) -> np.ndarray:
-    """Magnitude reconstructions of a batch with the model as prior."""
+def network_operator_factory(
+    meta: dict[str, Any], rc: dict[str, Any], op: MaskedOperator, seed: int
+):
+    """Ã_inf for the network while reconstructing, per ``reconstruct.inference_mask``:
+    ``fixed`` (one training-style mask per slice, kept — A-DPS), ``fresh`` (a new one at
+    every step) or ``scan`` (B drawn on the scan's own acquired lines, kept). Returns
+    ``(factory(batch, step) -> operator, redraw every step?)``."""
+    size = int(meta["image_size"])
+    choice = rc["inference_mask"]
+    lines = getattr(op, "line_mask", None)
+    if (
+        choice == "scan"
+        and meta["mode"] == "ambient"
+        and meta["kind"] == "kspace"
+        and (lines is not None and lines.ndim == 2)
+    ):
+
+        def from_scan(b: int, step: int) -> MaskedOperator:
+            generator = torch.Generator().manual_seed(derive_seed(seed, "recon-op", step))
+            return SingleCoilFourier(further_kspace_mask(lines.bool(), generator), size)
+
+        return from_scan, False
+
+    def training_style(b: int, step: int) -> MaskedOperator:
+        return inference_operator(meta, b, size, size, derive_seed(seed, "recon-op", step))
+
+    return training_style, choice == "fresh"
+
+
+def _diffusion(net, meta, rc, op, y, seed, sampler) -> tuple[np.ndarray, np.ndarray | None]:
+    """Magnitude reconstructions of a batch with the model as prior: the mean of
+    ``reconstruct.posterior_samples`` samples, and their per-pixel standard deviation of
+    magnitudes (``None`` for one sample or the deterministic one-step method)."""
     size = int(meta["image_size"])
     channels = int(meta["image_channels"])
     model_op = RealImage(op) if channels == 1 else op
     batch = y.shape[0]
     if sampler == "one_step":
         mask_op = model_op if meta["mode"] == "ambient" else Identity(batch, size, size)
-        return magnitude(one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op))
+        return magnitude(one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op)), None
     ddim = build_ddim(meta["scheduler"], rc["steps"])
-
-    def make_operator(b: int, step: int):
-        return inference_operator(meta, b, size, size, derive_seed(seed, "recon-op", step))
-
-    generator = torch.Generator().manual_seed(derive_seed(seed, "recon", sampler))
-    out = posterior_sample(
-        net,
-        ddim,
-        make_operator,
-        model_op,
-        y,
-        (batch, channels, size, size),
-        generator,
-        method=sampler,
-        zeta=rc["zeta"],
-    )
-    return magnitude(out)
+    make_operator, redraw = network_operator_factory(meta, rc, op, seed)
+    draws = []
+    for k in range(rc["posterior_samples"]):
+        generator = torch.Generator().manual_seed(derive_seed(seed, "recon", sampler, k))
+        draws.append(
+            posterior_sample(
+                net,
+                ddim,
+                make_operator,
+                model_op,
+                y,
+                (batch, channels, size, size),
+                generator,
+                method=sampler,
+                zeta=rc["zeta"],
+                redraw_mask=redraw,
+            )
+        )
+    # The posterior mean is an average of data-consistent images, hence data-consistent.
+    mean = magnitude(torch.stack(draws).mean(dim=0))
+    spread = np.stack([magnitude(d) for d in draws]).std(axis=0) if len(draws) > 1 else None
+    return mean, spread
 
 
 def _panel(path: Path, columns: list[tuple[str, np.ndarray]], reference: np.ndarray) -> None:
-    """PNG: top row images, bottom row |error| ×5 against the reference (first column)."""
-    peak = float(reference.max()) or 1.0
-    tiles_top = [display_orientation(img) / peak for _, img in columns]
-    tiles_err = [display_orientation(np.abs(img - reference)) * 5 / peak for _, img in columns]
-    gutter = 2
-    h, w = tiles_top[0].shape
-    canvas = np.zeros((2 * h + gutter, len(columns) * (w + gutter) - gutter), np.float32)
-    for i, (top, err) in enumerate(zip(tiles_top, tiles_err, strict=True)):
-        canvas[:h, i * (w + gutter) : i * (w + gutter) + w] = top
-        canvas[h + gutter :, i * (w + gutter) : i * (w + gutter) + w] = err
-    picture = Image.fromarray(np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8))
-    picture = picture.resize((picture.width * 3, picture.height * 3), Image.Resampling.NEAREST)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+    """PNG: top row images, bottom row |error| ×5 against the reference (first column),
+    with colour bars and each method's PSNR on this slice."""
+    recon_panel(path, columns, reference, error_gain=5.0)
     with atomic_path(path.with_suffix(".txt")) as tmp:
         tmp.write_text(" | ".join(name for name, _ in columns) + "\n(bottom row: |error| x5)\n")
 
@@ -191,9 +215,17 @@ def retrospective(
 
 
 def diffusion_methods(
-    net, meta: dict[str, Any], rc: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
+    net,
+    meta: dict[str, Any],
+    rc: dict[str, Any],
+    op: MaskedOperator,
+    y: torch.Tensor,
+    seed: int,
+    uncertainty: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Reconstructions of ``y`` with each configured sampler, batched."""
+    """Reconstructions of ``y`` with each configured sampler, batched. When
+    ``uncertainty`` is given, it receives each sampler's per-pixel standard deviation over
+    its posterior samples (samplers with more than one sample only)."""
     results, seconds = {}, {}
     n = y.shape[0]
     for sampler in rc["samplers"]:
@@ -202,8 +234,11 @@ def diffusion_methods(
             _diffusion(net, meta, rc, _subset(op, b), y[b], seed, sampler)
             for b in _batches(n, rc["batch_size"])
         ]
-        results[f"diffusion_{sampler}"] = np.concatenate(parts)
-        seconds[f"diffusion_{sampler}"] = (time.perf_counter() - start) / n
+        name = f"diffusion_{sampler}"
+        results[name] = np.concatenate([mean for mean, _ in parts])
+        seconds[name] = (time.perf_counter() - start) / n
+        if uncertainty is not None and parts[0][1] is not None:
+            uncertainty[name] = np.concatenate([spread for _, spread in parts])
     return results, seconds
 
 
@@ -296,7 +331,8 @@ def run(
             rc, acceleration, store, holdout, validation, keys, seed
         )
         metrics[f"cs_l1_{tag}_lambda"] = lamda
-        learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed)
+        spread: dict[str, np.ndarray] = {}
+        learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed, spread)
         results |= learned
         seconds |= learned_seconds
         for method, images in results.items():
@@ -317,6 +353,14 @@ def run(
                 seconds[method],
             )
         _write_volumes(files_dir, store, holdout, results, tag, samplers, seed)
+        if spread:
+            # Posterior standard deviation beside each reconstruction: NIfTI per volume and
+            # a PNG grid (one row per sampler, evenly spaced slices).
+            maps = {f"{method}_std": values for method, values in spread.items()}
+            _write_volumes(files_dir, store, holdout, maps, tag, [], seed, dicom=False)
+            picks = spread_rows(np.arange(len(holdout)), 4)
+            tiles = np.concatenate([values[picks] for values in spread.values()])
+            write_png_grid(files_dir / f"uncertainty_{tag}.png", tiles, columns=len(picks))
         middle = len(holdout) // 2
         columns = [("reference", reference[middle])]
         columns += [(m, results[m][middle]) for m in ("zero_filled", "cs_l1")]
@@ -337,8 +381,9 @@ def _subset(op: MaskedOperator, idx: np.ndarray) -> MaskedOperator:
     return SingleCoilFourier(op.line_mask[index], op.height)
 
 
-def _write_volumes(files_dir, store, rows, results, tag, samplers, seed) -> None:
-    """NIfTI per volume and method; a derived DICOM series of the first diffusion sampler."""
+def _write_volumes(files_dir, store, rows, results, tag, samplers, seed, dicom=True) -> None:
+    """NIfTI per volume and method; a derived DICOM series of the first diffusion sampler
+    (unless ``dicom`` is false)."""
     volumes = store.index.subject[rows]
     for v in np.unique(volumes):
         picked = np.flatnonzero(volumes == v)
@@ -352,6 +397,8 @@ def _write_volumes(files_dir, store, rows, results, tag, samplers, seed) -> None
         name = f"{subject}_vol{v:03d}_{tag}"
         for method, images in results.items():
             write_slice_volume(files_dir / f"{name}_{method}.nii.gz", images[picked], affine)
+        if not dicom:
+            continue
         primary = f"diffusion_{samplers[0]}" if samplers else "cs_l1"
         write_derived_series(
             files_dir / f"{name}_{primary}_dicom",

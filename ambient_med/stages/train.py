@@ -57,11 +57,25 @@ def load_training_set(cfg: dict[str, Any], input_path: Path) -> TrainingSet:
     )
 
 
+def training_seed(cfg: dict[str, Any]) -> int:
+    """``train.seed`` (initialisation and every training draw), else the cohort seed. The
+    data — split, masks, phases, fixed B — always follow the cohort seed, so models of
+    several training seeds are compared on the same measurements and hold-out subjects."""
+    seed = cfg["train"].get("seed")
+    return cfg["cohort"]["seed"] if seed is None else int(seed)
+
+
 def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) -> Trainer:
-    torch.manual_seed(cfg["cohort"]["seed"])  # network initialisation
-    net = build_denoiser(cfg["model"], data.image_channels)
+    seed = training_seed(cfg)
+    torch.manual_seed(seed)  # network initialisation
+    net = build_denoiser(cfg["model"], data.image_channels, cfg["scheduler"])
     ddpm = build_ddpm(cfg["scheduler"])
-    objective = AmbientObjective(ddpm.alphas_cumprod, cfg["train"]["loss_weighting"])
+    objective = AmbientObjective(
+        ddpm.alphas_cumprod,
+        cfg["train"]["loss_weighting"],
+        noise_distribution=cfg["train"]["noise_distribution"],
+        sigma_data=cfg["model"]["sigma_data"],
+    )
     train = cfg["train"]
     return Trainer(
         net,
@@ -70,7 +84,7 @@ def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) 
         batch_size=train["batch_size"],
         lr=train["lr"],
         ema_decay=train["ema_decay"],
-        seed=cfg["cohort"]["seed"],
+        seed=seed,
         device=device,
     )
 
