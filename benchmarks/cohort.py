@@ -35,9 +35,7 @@ from ambient_med.stages.reconstruct import slice_identity  # noqa: E402
 
 def audit_rows(train: np.ndarray, holdout: np.ndarray) -> list[dict]:
     """The nearest-training statistic of held-out slices, for each statistic available."""
-    statistics = {"foreground_ncc": audit.nearest_ncc}
-    if hasattr(audit, "nearest_copy_score"):
-        statistics["bandpass_ncc_shift2"] = audit.nearest_copy_score
+    statistics = {"magnitude_ncc": audit.nearest_ncc, "copy_statistic": audit.nearest_copy}
     rows = []
     for name, nearest in statistics.items():
         best = nearest(holdout, train)[0]

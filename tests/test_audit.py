@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from scipy import ndimage
+from scipy.ndimage import gaussian_filter
 
 from ambient_med.config import stage_config
 from ambient_med.errors import AmbientMedError
@@ -25,7 +26,11 @@ from ambient_med.evaluation.audit import (
     nearest_ncc,
     split_holdout,
 )
-from ambient_med.evaluation.generation import generation_metrics, random_features
+from ambient_med.evaluation.generation import (
+    generation_metrics,
+    generation_report,
+    random_features,
+)
 from ambient_med.io.export import write_slice_volume
 from ambient_med.io.store import read_slices
 from ambient_med.stages import audit, ingest
@@ -368,3 +373,17 @@ def test_generation_metrics_rank_real_above_noise(store):
     assert good["gen_mmd_pixels"] < bad["gen_mmd_pixels"]
     # The feature network is fixed: same images, same features.
     np.testing.assert_array_equal(random_features(holdout[:3]), random_features(holdout[:3]))
+
+
+def test_generation_report_places_samples_between_anatomy_and_blobs(store):
+    slices = read_slices(store)
+    train = slices.images[slices.index.rows("train")]
+    holdout = slices.images[slices.index.rows("holdout")]
+    report = generation_report(train[: len(holdout) // 2], holdout)
+    # Real slices of other subjects sit near the real floor, far from the blurred reference.
+    assert (
+        report["gen_frechet_random_features_real"] < report["gen_frechet_random_features_blurred"]
+    )
+    assert report["gen_frechet_random_features"] < report["gen_frechet_random_features_blurred"]
+    blobs = generation_report(gaussian_filter(train[: len(holdout) // 2], (0, 2, 2)), holdout)
+    assert blobs["gen_frechet_random_features"] > report["gen_frechet_random_features"]

@@ -11,7 +11,9 @@ Keys:
     heldout_observed_mse_t{t}: the training objective on hold-out measurements (error on
         entries the acquisition measured); needs no clean image.
     gen_mmd_pixels, gen_frechet_random_features: generation quality of the `sample` rule's
-        samples against hold-out slices (see ambient_med/evaluation/generation.py).
+        samples against half of the hold-out slices; ``..._real`` the same distance for the
+        other half (the floor), ``..._blurred`` for that half blurred (what blobs score) —
+        see ambient_med/evaluation/generation.py.
     recon_*: the reconstruct rule's metrics (see ambient_med/stages/reconstruct.py), e.g.
         recon_diffusion_dc_R4_psnr, recon_cs_l1_R8_ssim_std, recon_zero_filled_R4_nrmse.
 """
@@ -30,7 +32,7 @@ from ambient_med.diffusion.denoising import heldout_observed_error, x0_predictio
 from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm
 from ambient_med.errors import AmbientMedError
-from ambient_med.evaluation.generation import generation_metrics
+from ambient_med.evaluation.generation import generation_report
 from ambient_med.io.export import write_table
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.stages.common import clean_images, load_examples, load_model, spread_rows
@@ -90,7 +92,7 @@ def run(
         samples = np.moveaxis(np.asarray(nib.load(str(samples_path)).dataobj, np.float32), -1, 0)
         holdout_images = store.images[store.index.rows("holdout")]
         if samples.shape[1:] == holdout_images.shape[1:] and len(samples) > 1:
-            metrics |= generation_metrics(samples, holdout_images, seed)
+            metrics |= generation_report(samples, holdout_images, seed)
     if reconstruction_path is not None:
         try:
             recon = json.loads(Path(reconstruction_path).read_text())
