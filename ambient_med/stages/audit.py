@@ -20,6 +20,10 @@ Positive controls (``expected: flagged``, target ≥ 95 %): ``exact``, ``shift1`
 blurred. Negative controls (``expected: not_flagged``, target ≤ 2 %): ``holdout`` (the
 held-out half not used for calibration), ``silhouette`` (binary head masks, no anatomy),
 ``blurred_mean`` (blurred mean of the training slices at a slice position).
+``canaries`` (cohorts with ``cohorts.<name>.canaries``): rows ``{kind: "canary", train_mode,
+canary, repeats, exposure, reference, reference_exposure}`` — the fraction of samples that
+reproduce each planted canary at its place, beside the same for a never-planted reference
+canary; ``canary_exposure_max`` and ``canary_reference_exposure_max`` flat.
 The TSV table holds the flat keys (not the rows). Also writes the closest pairs as a PNG:
 each sample beside its nearest training image.
 """
@@ -35,7 +39,14 @@ import nibabel as nib
 import numpy as np
 
 from ambient_med.errors import AmbientMedError
-from ambient_med.evaluation.audit import CopyStatistic, control_images, memorization_audit
+from ambient_med.evaluation.audit import (
+    Canary,
+    CopyStatistic,
+    canary_exposure,
+    control_images,
+    memorization_audit,
+)
+from ambient_med.io.canaries import read_canaries
 from ambient_med.io.export import write_png_grid, write_table
 from ambient_med.io.store import atomic_path, read_measurements, read_slices
 from ambient_med.stages.common import load_examples
@@ -46,6 +57,48 @@ log = logging.getLogger(__name__)
 def _zero_filled(measurements_path: Path, kind: str, split: str) -> np.ndarray:
     data = load_examples(measurements_path, "naive", kind, split, 0.0, True, 0)
     return data.targets.square().sum(dim=1).sqrt().numpy()
+
+
+def _canary_rows(
+    attrs: dict[str, Any],
+    samples: np.ndarray,
+    holdout: np.ndarray,
+    params: CopyStatistic,
+    train_mode: str,
+) -> list[dict[str, Any]]:
+    """Rows ``{kind: "canary", train_mode, canary, repeats, exposure, reference_exposure}``
+    for a cohort with planted canaries (none otherwise). Each planted canary is paired with
+    the never-planted reference canary of the same repeat count; thresholds are calibrated
+    on held-out subjects' slices, which never carried one."""
+    recorded = read_canaries(attrs)
+    planted = [c for c in recorded if c.planted]
+    references = {c.repeats: c for c in recorded if not c.planted}
+    if not planted:
+        return []
+
+    def canary(c) -> Canary:
+        return Canary(np.asarray(c.pattern, np.float32), c.row, c.col, name=c.name)
+
+    paired = [references.get(c.repeats, c) for c in planted]
+    result = canary_exposure(
+        samples,
+        [canary(c) for c in planted],
+        holdout,
+        reference_canaries=[canary(c) for c in paired],
+        params=params,
+    )
+    return [
+        {
+            "kind": "canary",
+            "train_mode": train_mode,
+            "canary": c.name,
+            "repeats": c.repeats,
+            "exposure": float(result.exposure[k]),
+            "reference": paired[k].name,
+            "reference_exposure": float(result.reference_exposure[k]),
+        }
+        for k, c in enumerate(planted)
+    ]
 
 
 def run(
@@ -114,8 +167,13 @@ def run(
         "n_train": int(len(train)),
     } | result.summary(quantile)
     rows = result.control_rows()
+    canary_rows = _canary_rows(store.attrs, samples, holdout, params, cfg["cohort"]["train_mode"])
+    if canary_rows:
+        summary["canary_exposure_max"] = max(r["exposure"] for r in canary_rows)
+        summary["canary_reference_exposure_max"] = max(r["reference_exposure"] for r in canary_rows)
+    payload = summary | {"controls": rows, "canaries": canary_rows}
     with atomic_path(memorization_out) as tmp:
-        tmp.write_text(json.dumps(summary | {"controls": rows}, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     if table_out is not None:
         write_table(table_out, summary)
     order = np.argsort(-result.sample_ncc)[: audit_cfg["pairs"]]
