@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -43,8 +44,9 @@ from common import (  # noqa: E402
 )
 
 from ambient_med.config import stage_config  # noqa: E402
+from ambient_med.diffusion.model import build_denoiser  # noqa: E402
 from ambient_med.evaluation.metrics import METRICS, bootstrap_ci, per_volume_metrics  # noqa: E402
-from ambient_med.io.store import read_slices  # noqa: E402
+from ambient_med.io.store import load_torch, read_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
@@ -60,6 +62,73 @@ def holdout_rows(store, per_volume: int) -> np.ndarray:
         for v in np.unique(store.index.subject[rows])
     ]
     return np.concatenate(picked)
+
+
+def checkpoint_model(checkpoint: Path, cfg: dict, image_channels: int, image_size: int):
+    """The EMA denoiser of a training checkpoint (mid-run), ready to sample with."""
+    state = load_torch(checkpoint)
+    net = build_denoiser(cfg["model"], image_channels, cfg["scheduler"])
+    prefix = "module."
+    net.load_state_dict(
+        {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+    )
+    net.eval()
+    meta = {
+        "mode": cfg["cohort"]["train_mode"],
+        "kind": cfg["cohort"]["corruption"],
+        "image_channels": image_channels,
+        "image_size": image_size,
+        "delta": cfg["train"]["delta"],
+        "scheduler": cfg["scheduler"],
+        "corrupt": cfg["corrupt"],
+        "steps": int(state["step"]),
+    }
+    return net, meta
+
+
+def curve_rows(records: list[dict]) -> list[dict]:
+    """PSNR over training steps per mode (mean over seeds × volumes, with interval), and the
+    paired ambient − naive difference at each step."""
+    by_key: dict[tuple, dict] = defaultdict(dict)
+    for r in records:
+        by_key[(r["train_mode"], r["step"])][(r["seed"], r["volume"])] = r["psnr"]
+    rows = []
+    for (mode, step), values in sorted(by_key.items()):
+        table = _table(values)
+        low, high = bootstrap_ci(table)
+        rows.append(
+            {
+                "train_mode": mode,
+                "step": step,
+                "sampler": "dc",
+                "R": 4,
+                "cells": table.size,
+                "psnr": round(float(table.mean()), 3),
+                "psnr_ci95": [round(low, 3), round(high, 3)],
+            }
+        )
+        naive = by_key.get(("naive", step))
+        if mode == "ambient" and naive and set(naive) == set(values):
+            diff = _table(values) - _table(naive)
+            low, high = bootstrap_ci(diff)
+            rows.append(
+                {
+                    "train_mode": "ambient-naive",
+                    "step": step,
+                    "sampler": "dc",
+                    "R": 4,
+                    "cells": diff.size,
+                    "psnr": round(float(diff.mean()), 3),
+                    "psnr_ci95": [round(low, 3), round(high, 3)],
+                }
+            )
+    return rows
+
+
+def _table(values: dict[tuple[int, int], float]) -> np.ndarray:
+    seeds = sorted({s for s, _ in values})
+    volumes = sorted({v for _, v in values})
+    return np.array([[values[(s, v)] for v in volumes] for s in seeds])
 
 
 def load_scores(path: Path) -> list[dict]:
@@ -193,6 +262,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--accelerations", type=float, nargs="+", default=[4, 8])
     parser.add_argument("--samplers", nargs="+", default=["dc", "dps", "one_step"])
     parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument(
+        "--curve-steps",
+        type=int,
+        nargs="*",
+        default=[250, 500, 750],
+        help="also score DC at R = 4 from the EMA weights at these training steps",
+    )
     parser.add_argument("--short", action="store_true", help="tiny config, seconds")
     parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
@@ -203,7 +279,9 @@ def main(argv: list[str] | None = None) -> Path:
         args.sampling_steps = min(args.sampling_steps, 3)
     if args.steps:
         config["train"]["steps"] = args.steps
-    config["train"]["checkpoint_every"] = min(200, config["train"]["steps"])
+    curve_steps = [c for c in args.curve_steps if c < config["train"]["steps"]]
+    # Checkpoints land on every curve step (and the interval divides the budget).
+    config["train"]["checkpoint_every"] = math.gcd(config["train"]["steps"], *curve_steps)
     config["cohorts"]["demo"]["corruption"] = "kspace"
 
     work = args.workdir
@@ -226,7 +304,10 @@ def main(argv: list[str] | None = None) -> Path:
     seed = config["cohorts"]["demo"]["seed"]
     scores_path = work / "scores.jsonl"
     records = load_scores(scores_path)
-    done = {(r["method"], r["train_mode"], r["seed"], r["R"]) for r in records}
+    curve = [r for r in records if r["method"] == "curve"]
+    records = [r for r in records if r["method"] != "curve"]
+    done = {(r["method"], r["train_mode"], r["seed"], r["R"], r["sampler"]) for r in records}
+    curve_done = {(r["train_mode"], r["seed"], r["step"]) for r in curve}
     base = {"corruption": "kspace", "coils": 1}
     results_dir = args.results or RESULTS
     note = (
@@ -238,13 +319,21 @@ def main(argv: list[str] | None = None) -> Path:
     def save() -> Path:
         rows = aggregate(records)
         path = write_results("reconstruction", started, rows, results_dir)
+        total = config["train"]["steps"]
+        finals = [
+            r | {"step": total}
+            for r in records
+            if r["method"] == "diffusion" and r["sampler"] == "dc" and r["R"] == 4
+        ]
+        if curve:
+            write_results("reconstruction_curve", started, curve_rows(curve + finals), results_dir)
         suffix = ".gpu.md" if machine_kind() == "gpu" else ".md"
         write_markdown(rows, results_dir / f"reconstruction{suffix}", note)
         return path
 
     problems = {}
     for accel in args.accelerations:
-        if ("zero_filled", "", 0, accel) in done:
+        if ("zero_filled", "", 0, accel, "") in done:
             continue
         op, y, results, seconds, _ = retrospective(
             rc, accel, store, holdout, validation, keys, seed
@@ -269,24 +358,71 @@ def main(argv: list[str] | None = None) -> Path:
 
     for train_seed in args.seeds:
         for mode in args.modes:
-            if all(("diffusion", mode, train_seed, a) in done for a in args.accelerations):
+            if all(
+                ("diffusion", mode, train_seed, a, sampler) in done
+                for a in args.accelerations
+                for sampler in args.samplers
+            ):
                 continue
             config["cohorts"]["demo"]["train_mode"] = mode
             config["train"]["seed"] = train_seed
             out = work / f"{mode}_seed{train_seed}"
             source = slices if mode == "clean" else measurements
             cfg = stage_config(config, "demo", "train")
+            for step in curve_steps:
+                if (mode, train_seed, step) in curve_done or (out / "model.pt").exists():
+                    continue
+                paths = (out / "model.pt", out / "loss.csv", out / "checkpoints")
+                train.run(cfg, source, *paths, stop_after=step)
+                net, meta = checkpoint_model(
+                    out / "checkpoints" / "last.pt", cfg, 2, store.images.shape[-1]
+                )
+                if 4 not in problems:
+                    op, y, *_ = retrospective(rc, 4, store, holdout, validation, keys, seed)
+                    problems[4] = (op, y)
+                learned, learned_seconds = diffusion_methods(
+                    net, meta, rc | {"samplers": ["dc"]}, *problems[4], seed
+                )
+                new = score_records(
+                    reference,
+                    learned["diffusion_dc"],
+                    volumes,
+                    learned_seconds["diffusion_dc"],
+                    method="curve",
+                    train_mode=mode,
+                    sampler="dc",
+                    R=4,
+                    seed=train_seed,
+                    step=step,
+                    **base,
+                )
+                append_scores(scores_path, new)
+                curve.extend(new)
+                logging.info(
+                    "%s seed %d step %d: DC R4 PSNR %.2f",
+                    mode,
+                    train_seed,
+                    step,
+                    np.mean([r["psnr"] for r in new]),
+                )
             if not (out / "model.pt").exists():
                 train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
             net, meta = load_model(out / "model.pt")
             for accel in args.accelerations:
-                if ("diffusion", mode, train_seed, accel) in done:
+                todo = [
+                    sampler
+                    for sampler in args.samplers
+                    if ("diffusion", mode, train_seed, accel, sampler) not in done
+                ]
+                if not todo:
                     continue
                 if accel not in problems:
                     op, y, *_ = retrospective(rc, accel, store, holdout, validation, keys, seed)
                     problems[accel] = (op, y)
                 op, y = problems[accel]
-                learned, learned_seconds = diffusion_methods(net, meta, rc, op, y, seed)
+                learned, learned_seconds = diffusion_methods(
+                    net, meta, rc | {"samplers": todo}, op, y, seed
+                )
                 for name, images in learned.items():
                     new = score_records(
                         reference,
