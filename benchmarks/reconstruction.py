@@ -263,6 +263,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--samplers", nargs="+", default=["dc", "dps", "one_step"])
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument(
+        "--inference-masks",
+        nargs="*",
+        default=["fixed", "fresh", "scan"],
+        help="ambient models: also run DC with each reconstruct.inference_mask (dc:<mask>)",
+    )
+    parser.add_argument(
         "--curve-steps",
         type=int,
         nargs="*",
@@ -358,10 +364,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     for train_seed in args.seeds:
         for mode in args.modes:
+            variants = [f"dc:{m}" for m in args.inference_masks] if mode == "ambient" else []
             if all(
                 ("diffusion", mode, train_seed, a, sampler) in done
                 for a in args.accelerations
-                for sampler in args.samplers
+                for sampler in [*args.samplers, *variants]
             ):
                 continue
             config["cohorts"]["demo"]["train_mode"] = mode
@@ -409,11 +416,10 @@ def main(argv: list[str] | None = None) -> Path:
                 train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
             net, meta = load_model(out / "model.pt")
             for accel in args.accelerations:
-                todo = [
-                    sampler
-                    for sampler in args.samplers
-                    if ("diffusion", mode, train_seed, accel, sampler) not in done
-                ]
+                wanted = list(args.samplers)
+                if mode == "ambient":
+                    wanted += [f"dc:{m}" for m in args.inference_masks]
+                todo = [s for s in wanted if ("diffusion", mode, train_seed, accel, s) not in done]
                 if not todo:
                     continue
                 if accel not in problems:
@@ -421,8 +427,17 @@ def main(argv: list[str] | None = None) -> Path:
                     problems[accel] = (op, y)
                 op, y = problems[accel]
                 learned, learned_seconds = diffusion_methods(
-                    net, meta, rc | {"samplers": todo}, op, y, seed
+                    net, meta, rc | {"samplers": [t for t in todo if ":" not in t]}, op, y, seed
                 )
+                # The network's operator while reconstructing, measured on ambient models
+                # with the DC sampler: "dc:<inference_mask>".
+                for variant in [t for t in todo if t.startswith("dc:")]:
+                    mask = variant.split(":", 1)[1]
+                    extra, extra_seconds = diffusion_methods(
+                        net, meta, rc | {"samplers": ["dc"], "inference_mask": mask}, op, y, seed
+                    )
+                    learned[f"diffusion_{variant}"] = extra["diffusion_dc"]
+                    learned_seconds[f"diffusion_{variant}"] = extra_seconds["diffusion_dc"]
                 for name, images in learned.items():
                     new = score_records(
                         reference,
