@@ -300,6 +300,12 @@ rule audit:
             category="Memorization audit",
             subcategory="{cohort}",
         ),
+        histogram=report(
+            "results/{cohort}/eval/audit_histogram.png",
+            caption="config/report/audit_histogram.rst",
+            category="Memorization audit",
+            subcategory="{cohort}",
+        ),
     log:
         "results/{cohort}/logs/audit.log",
     benchmark:
@@ -314,7 +320,8 @@ rule audit:
         "ambient-med audit --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --samples {input.samples} --slices {input.slices} "
         "--measurements {input.measurements} --memorization {output.memorization} "
-        "--figure {output.figure} --table {output.table} 2> {log}"
+        "--figure {output.figure} --table {output.table} "
+        "--histogram {output.histogram} 2> {log}"
 
 
 rule evaluate:

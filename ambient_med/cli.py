@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", type=Path, required=True, help="closest-pairs PNG to write")
     p.add_argument("--table", type=Path, default=None, help="the JSON as a TSV table")
     p.add_argument(
+        "--histogram", type=Path, default=None, help="PNG: samples vs held-out vs controls"
+    )
+    p.add_argument(
         "--measurements",
         type=Path,
         default=None,
@@ -216,6 +219,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             args.measurements,
             kind,
             args.table,
+            args.histogram,
         )
     elif stage == "evaluate":
         from ambient_med.stages import evaluate

@@ -7,6 +7,7 @@ the same schema here, so a stage run by hand sees exactly the defaults a rule wo
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -61,6 +62,20 @@ def _key(path: Any) -> str:
     return ".".join(str(part) for part in path) or "<top level>"
 
 
+def _message(error: jsonschema.ValidationError) -> str:
+    """One line naming the offending key; an unknown key (often a typo) is named itself, with
+    the closest known key, rather than as an error of the section that holds it."""
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(known))
+        if unknown:
+            key = _key([*error.absolute_path, unknown[0]])
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            return f"config key '{key}': not a known key; {hint}"
+    return f"config key '{_key(error.absolute_path)}': {error.message}"
+
+
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Returns a validated copy of ``config`` with every default filled in.
 
@@ -71,8 +86,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     validator = _default_filling_validator()(load_schema())
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
-        first = errors[0]
-        raise AmbientMedError(f"config key '{_key(first.absolute_path)}': {first.message}")
+        raise AmbientMedError(_message(errors[0]))
     for name, cohort in filled["cohorts"].items():
         raw = cohort["source"] == "kspace"
         if raw != (cohort["corruption"] == "native"):

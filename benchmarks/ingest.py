@@ -6,7 +6,7 @@ resizing, de-identification, atomic HDF5 + manifest writes) against the least an
 do: ``pydicom.dcmread(f).pixel_array`` per DICOM file, ``nibabel.load(f).get_fdata()`` per
 NIfTI file.
 
-    python benchmarks/ingest.py [--subjects 3]
+    python benchmarks/ingest.py [--subjects 3] [--repeats 3]
 
 Writes benchmarks/results/ingest.json with rows {format, files, slices, ingest_s,
 bare_read_s, ratio}.
@@ -70,13 +70,16 @@ def main() -> None:
             for extra in folder.glob("*.nii.gz"):
                 extra.unlink()
         files = [p for p in folder.rglob("*") if p.is_file()]
-        bare = min(bare_read(folder, fmt) for _ in range(args.repeats))
-        timings = []
+        # Bare read and ingest alternate, so that a busy spell of a shared machine slows both
+        # rather than one of them; each keeps its best time.
+        bare_times, timings = [], []
+        out = args.workdir / f"out_{fmt}"
         for _ in range(args.repeats):
-            out = args.workdir / f"out_{fmt}"
+            bare_times.append(bare_read(folder, fmt))
             start = time.perf_counter()
             ingest.run(cfg, folder, out / "slices.h5", out / "manifest.csv", out / "raw.h5")
             timings.append(time.perf_counter() - start)
+        bare = min(bare_times)
         with open(out / "manifest.csv") as handle:
             volumes = {r["volume"]: int(r["slices"]) for r in csv.DictReader(handle)}
         axial = sum(nib.load(f).shape[2] for f in files) if fmt == "nifti" else len(files)

@@ -59,42 +59,63 @@ def subset_store(store: SliceStore, n_train: int) -> SliceStore:
     )
 
 
+def variant_label(mode: str, corruption: str, b_redraw: bool) -> str:
+    """Legend text of one trained variant, in words rather than config values."""
+    if mode == "clean":
+        return "clean images (baseline)"
+    measured = {
+        "kspace": "k-space lines, R = 4",
+        "pixel": "pixel mask, p = 0.9",
+        "native": "raw k-space",
+    }.get(corruption, corruption)
+    text = f"{mode} on {measured}"
+    return text + (", B redrawn every step" if b_redraw else "")
+
+
 def curve_png(path: Path, rows: list[dict]) -> None:
-    """Fraction of samples above threshold against n_train, one line per variant."""
-    from PIL import Image, ImageDraw
+    """Privacy and quality against the training-set size, one line per variant.
 
-    width, height, margin = 640, 360, 50
-    picture = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(picture)
-    sizes = sorted({r["n_train"] for r in rows})
-    colours = ["black", "red", "blue", "green", "orange", "purple"]
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    Left: fraction of samples above the calibrated copy threshold against n_train. Right:
+    the privacy-quality trade-off, R = 4 reconstruction PSNR against that fraction, each
+    point labelled with its n_train (models without a k-space prior have no PSNR).
+    """
+    from ambient_med.evaluation.figures import new_figure, save_figure
 
-    def point(n: int, frac: float) -> tuple[float, float]:
-        x = margin + sizes.index(n) / max(1, len(sizes) - 1) * (width - 2 * margin)
-        return x, height - margin - frac * (height - 2 * margin)
-
-    series = sorted({(r["train_mode"], r["corruption"], r["b_redraw"]) for r in rows})
-    for colour, key in zip(colours, series, strict=False):
-        pts = [
-            point(r["n_train"], r["frac_above"])
-            for r in rows
-            if (r["train_mode"], r["corruption"], r["b_redraw"]) == key
-        ]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text(
-            (margin + 5, margin + 5 + 12 * series.index(key)), "/".join(map(str, key)), fill=colour
+    figure = new_figure(10.0, 4.2)
+    copies, tradeoff = figure.subplots(1, 2)
+    variants = sorted({(r["train_mode"], r["corruption"], r["b_redraw"]) for r in rows})
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for i, key in enumerate(variants):
+        mine = sorted(
+            (r for r in rows if (r["train_mode"], r["corruption"], r["b_redraw"]) == key),
+            key=lambda r: r["n_train"],
         )
-    draw.text((margin, 15), "fraction of samples above the calibrated threshold", fill="black")
-    for n in sizes:
-        x, _ = point(n, 0)
-        draw.text((x - 8, height - margin + 8), str(n), fill="black")
-    draw.text((4, margin - 6), "1.0", fill="black")
-    draw.text((4, height - margin - 6), "0.0", fill="black")
-    picture.save(path)
+        sizes = [r["n_train"] for r in mine]
+        above = [100 * r["frac_above"] for r in mine]
+        style = {"marker": markers[i % len(markers)], "linewidth": 1.6, "color": f"C{i}"}
+        copies.plot(sizes, above, label=variant_label(*key), **style)
+        psnr = np.array([r["psnr_r4"] for r in mine], dtype=float)
+        known = np.isfinite(psnr)
+        if known.any():
+            x_known = np.array(above)[known]
+            tradeoff.plot(x_known, psnr[known], **style)
+            for n, x, y in zip(np.array(sizes)[known], x_known, psnr[known], strict=True):
+                tradeoff.annotate(
+                    f"n={n}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=8
+                )
+    copies.set_xscale("log", base=2)
+    copies.set_xticks(sorted({r["n_train"] for r in rows}))
+    copies.get_xaxis().set_major_formatter("{x:g}")
+    copies.set_xlabel("training slices (n_train)")
+    copies.set_ylabel("samples above the copy threshold (%)")
+    copies.set_title("Copies against training-set size")
+    tradeoff.set_xlabel("samples above the copy threshold (%)  ← more private")
+    tradeoff.set_ylabel("R = 4 reconstruction PSNR (dB)  ↑ better")
+    tradeoff.set_title("Privacy–quality trade-off")
+    for axes in (copies, tradeoff):
+        axes.grid(True, alpha=0.3)
+    figure.legend(loc="outside lower center", ncols=min(3, len(variants)), frameon=False)
+    save_figure(figure, path)
 
 
 def main() -> None:

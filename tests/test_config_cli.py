@@ -43,7 +43,8 @@ def test_defaults_are_filled_per_cohort_without_sharing():
             {"cohorts": {"demo": {"demo": True}}, "corrupt": {"pixel": {"p": 1.5}}},
             "corrupt.pixel.p",
         ),
-        ({"cohorts": {"demo": {"demo": True}}, "trian": {}}, "<top level>"),
+        ({"cohorts": {"demo": {"demo": True}}, "trian": {}}, "trian"),
+        ({"cohorts": {"demo": {"demo": True}}, "train": {"stpes": 3}}, "train.stpes"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(patch, key):
@@ -51,6 +52,15 @@ def test_bad_config_is_one_line_naming_the_key(patch, key):
         validate_config(patch)
     message = str(info.value)
     assert f"'{key}'" in message and "\n" not in message
+
+
+def test_a_misspelt_key_is_named_with_the_closest_known_one():
+    with pytest.raises(
+        AmbientMedError, match=r"'train.stpes': not a known key; did you mean 'steps'\?"
+    ):
+        validate_config({"cohorts": {"demo": {"demo": True}}, "train": {"stpes": 3}})
+    with pytest.raises(AmbientMedError, match=r"'cohorts.demo.holdout': not a known key; did"):
+        validate_config({"cohorts": {"demo": {"demo": True, "holdout": 2}}})
 
 
 def test_stage_config_holds_only_what_the_stage_needs():

@@ -318,3 +318,142 @@ def test_site_secret_is_required_for_real_dicom(tmp_path, monkeypatch):
     series, _ = group_series(headers)
     volumes, _ = assemble_series(next(iter(series.values())), 10**9)
     assert volumes[0].identity_keys[0].startswith("DEMO")
+
+
+@pytest.mark.parametrize(
+    "declared",
+    [{"NumberOfFrames": 1_000_000}, {"Rows": 65535, "Columns": 65535}],
+    ids=["frames", "rows-columns"],
+)
+def test_enormous_declared_image_is_refused_from_its_header(tmp_path, monkeypatch, declared):
+    """Refused for its size (not as 'legacy multi-frame'), unread, and the rest kept."""
+    import ambient_med.io.dicom as dicom_module
+
+    target = {}
+
+    def mutate(files):
+        target["name"] = _middle(files).name
+        _set(_middle(files), **declared)
+
+    real_read = dicom_module._read_pixels
+
+    def guarded(path, header=None):
+        assert path.name != target["name"], "pixels of the enormous file were read"
+        return real_read(path, header)
+
+    monkeypatch.setattr(dicom_module, "_read_pixels", guarded)
+    volumes, skipped = _refused(tmp_path, mutate, max_voxels=10**8)
+    reason = skipped[f"{target['name']}"]
+    assert "over ingest.max_voxels=100000000" in reason and "legacy" not in reason
+    assert len(volumes) == 2  # the series is split at the refused slice, not refused whole
+
+
+def test_declared_size_beyond_the_pixel_data_is_refused_unread(tmp_path):
+    volumes, skipped = _refused(tmp_path, lambda f: _set(_middle(f), Rows=400, Columns=400))
+    (reason,) = skipped.values()
+    assert reason.startswith("pixel data unreadable") and "400x400x1" in reason
+    assert len(volumes) == 2
+
+
+def test_header_cut_inside_any_element_is_named_damaged_or_truncated(tmp_path):
+    """Wherever a file ends inside its header, the reason says so (not 'modality missing')."""
+    source = sorted(SERIES_DIR[0].iterdir())[0]
+    data = source.read_bytes()
+    raw = pydicom.dcmread(source, defer_size=0)
+    cuts = [
+        element.value_tell + element.length // 2
+        for element in raw._dict.values()
+        if element.length >= 2 and element.tag != 0x7FE00010
+    ]
+    assert len(cuts) > 20
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    for cut in cuts:
+        (folder / f"cut_{cut:05d}.dcm").write_bytes(data[:cut])
+    _, volumes, skipped = _read(folder)
+    assert not volumes and len(skipped) == len(cuts)
+    for name, reason in skipped.items():
+        assert reason.startswith("damaged or truncated DICOM header"), (name, reason)
+    # Cut inside the pixel data instead: the pixel data are named.
+    (folder / "pixels.dcm").write_bytes(data[:-100])
+    _, _, skipped = _read(folder)
+    assert "pixel data unreadable" in skipped["pixels.dcm"]
+
+
+def test_native_pixels_equal_pydicoms_on_its_test_files():
+    """The fast reader of uncompressed pixel data agrees with pydicom's pixel_array."""
+    from ambient_med.io.dicom import Header, _native_pixels, scan_header
+
+    compared = 0
+    for path in sorted(TEST_FILES.rglob("*")):
+        header = scan_header(path) if path.is_file() else None
+        if not isinstance(header, Header) or header.truncated:
+            continue
+        try:
+            reference = pydicom.dcmread(path).pixel_array
+            fast = _native_pixels(header)
+        except Exception:  # files pydicom itself cannot decode are covered elsewhere
+            continue
+        if fast is None:
+            continue
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+        reference = reference if frames > 1 else reference[None]
+        assert fast.dtype.kind == reference.dtype.kind, path.name
+        np.testing.assert_array_equal(fast, reference, err_msg=path.name)
+        compared += 1
+    assert compared >= 30
+
+
+def test_header_values_equal_pydicoms_on_its_test_files():
+    """Attributes converted from their bytes read as pydicom converts them."""
+    from ambient_med.io.dicom import FIELDS, Header, scan_header
+
+    compared = 0
+    for path in sorted(TEST_FILES.rglob("*")):
+        header = scan_header(path) if path.is_file() else None
+        if not isinstance(header, Header):
+            continue
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword, vr in FIELDS.values():
+            try:
+                value = ds[keyword].value if keyword in ds else None
+                if vr in ("DS", "IS") and value not in (None, ""):
+                    many = isinstance(value, pydicom.multival.MultiValue)
+                    number = float if vr == "DS" else int
+                    value = tuple(map(number, value)) if many else number(value)
+            except (ValueError, TypeError):
+                continue  # pydicom cannot convert it either (a malformed test file)
+            if value in (None, ""):
+                assert header.get(keyword) in (None, ""), (path.name, keyword)
+                continue
+            if isinstance(value, pydicom.multival.MultiValue):
+                value = tuple(value) if len(value) != 1 else value[0]
+            expected = value if isinstance(value, int | float | tuple) else str(value)
+            assert header.get(keyword) == expected, (path.name, keyword)
+            compared += 1
+    assert compared > 500
+
+
+@pytest.mark.parametrize("big_endian", [False, True], ids=["little-endian", "big-endian"])
+def test_pixel_data_left_on_disk_is_read_from_its_offset(tmp_path, big_endian):
+    """Pixel data over 64 KB are not read with the header; decoding reads them by offset."""
+    from pydicom.uid import ExplicitVRBigEndian
+
+    from ambient_med.io.dicom import _read_pixels, scan_header
+
+    ds = pydicom.dcmread(sorted(SERIES_DIR[0].iterdir())[0])
+    pixels = np.random.default_rng(0).integers(-2000, 2000, (300, 280)).astype(np.int16)
+    ds.Rows, ds.Columns = pixels.shape
+    path = tmp_path / "large.dcm"
+    if big_endian:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        ds.PixelData = pixels.byteswap().tobytes()
+        pydicom.dcmwrite(path, ds, little_endian=False, implicit_vr=False, force_encoding=True)
+    else:
+        ds.PixelData = pixels.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    header = scan_header(path)
+    assert header.pixel_bytes is None and header.pixel_offset > 0  # left on disk
+    assert header.get("Rows") == 300 and header.get("RescaleSlope") == float(ds.RescaleSlope)
+    np.testing.assert_array_equal(_read_pixels(path, header)[0], pixels)
+    np.testing.assert_array_equal(_read_pixels(path, header)[0], pydicom.dcmread(path).pixel_array)

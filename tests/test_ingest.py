@@ -133,3 +133,122 @@ def test_missing_or_empty_input_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AmbientMedError, match="contains no files"):
         ingest.run(cfg, tmp_path / "empty", tmp_path / "s.h5", tmp_path / "m.csv")
+
+
+def _manifest(path):
+    return {r["file"]: r for r in csv.DictReader(path.open())}
+
+
+def test_links_and_special_files_each_get_a_manifest_row(demo_dir, tmp_path):
+    """Hospital shares hold links: none may vanish from the manifest or hang the walk."""
+    import os
+
+    cohort = tmp_path / "share"
+    (cohort / "scans").mkdir(parents=True)
+    for name in ("volume_00.nii.gz", "volume_02.nii.gz"):
+        shutil.copy(demo_dir / name, cohort / "scans" / name)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(demo_dir / "volume_00.nii.gz", outside / "linked_in.nii.gz")
+    (cohort / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")
+    (cohort / "loop_a").symlink_to(cohort / "loop_b")
+    (cohort / "loop_b").symlink_to(cohort / "loop_a")
+    (cohort / "scans" / "back_up").symlink_to(cohort)  # a folder loop
+    (cohort / "again.nii.gz").symlink_to(cohort / "scans" / "volume_02.nii.gz")
+    (cohort / "external").symlink_to(outside)  # a folder link out of the cohort is followed
+    os.mkfifo(cohort / "pipe")  # reading it would block forever
+    (cohort / "empty.dcm").write_bytes(b"")
+    cfg = stage_config(tiny_config(), "demo", "ingest")
+    out = tmp_path / "out"
+    ingest.run(cfg, cohort, out / "slices.h5", out / "manifest.csv", out / "raw.h5")
+
+    rows = _manifest(out / "manifest.csv")
+    expected = {
+        "dangling.dcm": "dangling symbolic link (its target is missing)",
+        "loop_a": "symbolic link loop (the link never resolves)",
+        "loop_b": "symbolic link loop (the link never resolves)",
+        "scans/back_up": "symbolic link to a folder already searched (a loop or a second path)",
+        "again.nii.gz": "same file as 'scans/volume_02.nii.gz' (a link to it, or a copy by "
+        "hard link)",
+        "pipe": "not a regular file (a FIFO, socket or device)",
+        "empty.dcm": "empty file (0 bytes)",
+    }
+    for name, reason in expected.items():
+        assert rows[name]["status"] == "skipped" and rows[name]["reason"] == reason, name
+    ingested = sorted(f for f, r in rows.items() if r["status"] == "ingested")
+    assert ingested == [
+        "external/linked_in.nii.gz",
+        "scans/volume_00.nii.gz",
+        "scans/volume_02.nii.gz",
+    ]
+    assert len(rows) == len(expected) + len(ingested)
+
+
+def _fastmri(path, seed, slices=2, size=24):
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    kspace = rng.standard_normal((slices, size, size)) + 1j * rng.standard_normal(
+        (slices, size, size)
+    )
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("kspace", data=kspace.astype(np.complex64))
+
+
+def test_raw_kspace_file_in_an_images_cohort_is_skipped_with_its_reason(demo_dir, tmp_path):
+    cohort = tmp_path / "site"
+    shutil.copytree(demo_dir, cohort)
+    _fastmri(cohort / "scanner_export.h5", seed=0)
+    cfg = stage_config(tiny_config(), "demo", "ingest")
+    out = tmp_path / "out"
+    ingest.run(cfg, cohort, out / "slices.h5", out / "manifest.csv", out / "raw.h5")
+    row = _manifest(out / "manifest.csv")["scanner_export.h5"]
+    assert row["status"] == "skipped" and row["format"] == "raw"
+    assert "cohorts.demo.source is 'images'" in row["reason"]
+    assert "source: kspace" in row["reason"]
+    from ambient_med.io.store import read_raw_store
+
+    assert len(read_raw_store(out / "raw.h5").kspace) == 0
+
+
+def _raw_config(folder):
+    cfg = tiny_config(
+        demo=False, source="kspace", corruption="native", input=str(folder), holdout_subjects=1
+    )
+    cfg["ingest"]["image_size"] = 16
+    return stage_config(cfg, "demo", "ingest")
+
+
+def test_images_in_a_raw_kspace_cohort_are_skipped_with_their_reason(
+    demo_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("AMBIENT_MED_SITE_SECRET", "test-site-secret")
+    cohort = tmp_path / "raw"
+    cohort.mkdir()
+    for s in range(2):
+        _fastmri(cohort / f"file_{s}.h5", seed=s)
+    shutil.copy(demo_dir / "volume_00.nii.gz", cohort)
+    shutil.copytree(demo_dir / "series_01", cohort / "series_01")
+    out = tmp_path / "out"
+    ingest.run(_raw_config(cohort), cohort, out / "s.h5", out / "m.csv", out / "raw.h5")
+    rows = _manifest(out / "m.csv")
+    assert rows["volume_00.nii.gz"]["reason"].startswith("NIfTI image, but cohorts.demo.source")
+    dicom = [r for f, r in rows.items() if f.startswith("series_01/")]
+    assert dicom and all(r["reason"].startswith("DICOM image, but") for r in dicom)
+    assert {rows[f"file_{s}.h5"]["status"] for s in range(2)} == {"ingested"}
+
+
+def test_one_file_raw_cohort_says_which_key_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMBIENT_MED_SITE_SECRET", "test-site-secret")
+    cohort = tmp_path / "one"
+    cohort.mkdir()
+    _fastmri(cohort / "only_scan.h5", seed=0)
+    out = tmp_path / "out"
+    with pytest.raises(AmbientMedError) as caught:
+        ingest.run(_raw_config(cohort), cohort, out / "s.h5", out / "m.csv", out / "raw.h5")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("config key 'cohorts.demo.holdout_subjects': 1 hold-out subject")
+    assert "add scans of at least 1 more subject" in message
+    assert "reconstruct.input" in message
+    assert not out.exists() or not any(out.iterdir())

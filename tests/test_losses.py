@@ -137,7 +137,7 @@ class ConstantUNet(nn.Module):
         self.value = value
 
     def forward(self, x, timesteps):
-        return torch.full((x.shape[0], 1, *x.shape[2:]), self.value)
+        return torch.full((x.shape[0], 2, *x.shape[2:]), self.value)  # (F, G)
 
 
 def _edm_denoiser(image_channels: int, value: float) -> AmbientDenoiser:

@@ -83,7 +83,7 @@ def test_bad_files_are_listed_and_the_rest_ingested(tmp_path):
     rows = {r["file"]: r for r in csv.DictReader((out / "m.csv").open())}
     assert rows["broken.nii.gz"]["status"] == "skipped"
     assert "not a readable NIfTI file" in rows["broken.nii.gz"]["reason"]
-    assert rows["empty.dcm"]["reason"] == "neither DICOM, NIfTI nor raw k-space"
+    assert rows["empty.dcm"]["reason"] == "empty file (0 bytes)"
     assert rows["sub1.nii.gz"]["status"] == "ingested"
     assert rows["sub1.nii.gz"]["nonfinite"] == "2"
     assert rows["sub0.nii.gz"]["nonfinite"] == "0"

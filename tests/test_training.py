@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config
 
 from ambient_med.config import stage_config
-from ambient_med.io.store import read_measurements, read_slices
+from ambient_med.io.store import read_measurements, read_slices, save_torch
 from ambient_med.physics.acquisition import complex_slices
 from ambient_med.physics.operators import fft2c
 from ambient_med.stages import corrupt, evaluate, ingest, sample, train
@@ -155,3 +155,11 @@ def test_every_mode_trains_samples_and_evaluates(slices, tmp_path, mode, kind):
     assert metrics["mode"] == mode
     for t in cfg["evaluate"]["timesteps"]:
         assert metrics[f"x0_mse_t{t}"] > 0
+
+
+def test_saved_models_are_byte_identical(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3), "steps": 3}
+    save_torch(tmp_path / "a.pt", state)
+    save_torch(tmp_path / "b.pt", state)
+    assert _sha(tmp_path / "a.pt") == _sha(tmp_path / "b.pt")
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["steps"] == 3

@@ -133,9 +133,20 @@ def test_tiny_workflow_end_to_end(tmp_path):
     with Image.open(files / "panel_R4.png") as panel:
         assert panel.format == "PNG"
     memorization = json.loads((results / "eval" / "memorization.json").read_text())
-    assert {"threshold", "frac_above", "q99"} <= set(memorization)
+    assert {"threshold", "frac_above", "q99", "controls_passed"} <= set(memorization)
+    controls = {row["control"] for row in memorization["controls"]}
+    assert controls == {"exact", "shift1", "shift2", "noise", "blur"} | {
+        "holdout",
+        "silhouette",
+        "blurred_mean",
+    }
     assert "gen_frechet_random_features" in metrics
-    for png in ("corrupt/kspace_examples.png", "train/loss.png", "eval/closest_pairs.png"):
+    for png in (
+        "corrupt/kspace_examples.png",
+        "train/loss.png",
+        "eval/closest_pairs.png",
+        "eval/audit_histogram.png",
+    ):
         with Image.open(results / png) as picture:
             assert picture.format == "PNG"
     report = _snakemake(work, "--report", "report.html", "--configfile", "config/tiny.yaml")
@@ -158,6 +169,7 @@ def test_tiny_workflow_end_to_end(tmp_path):
         "grid.png",
         "panel_R4.png",
         "closest_pairs.png",
+        "audit_histogram.png",
     ):
         assert figure in html, figure
     _screenshot(work / "report.html", tmp_path / "report.png")

@@ -6,8 +6,8 @@ schedulers: ``z = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε`` seen through Ã, times
 wrapper turns that into EDM's variance-exploding view, ``x = z / sqrt(ᾱ_t)`` with noise level
 ``σ_t = sqrt((1 − ᾱ_t) / ᾱ_t)``, and returns
 
-    D(x; σ) = c_skip(σ) · x + P_Ã[c_out(σ) · F] + (I − P_Ã)[σ_data · F],
-    F = UNet([c_in(σ) · x, mask, (ones)], t),
+    D(x; σ) = c_skip(σ) · x + P_Ã[c_out(σ) · F] + (I − P_Ã)[σ_data · G],
+    (F, G) = UNet([c_in(σ) · x, mask, (ones)], t)   (two outputs),
 
 with EDM's c_skip = σ_d² / (σ² + σ_d²), c_out = σ σ_d / sqrt(σ² + σ_d²), c_in =
 1 / sqrt(σ² + σ_d²). P_Ã projects onto what the network's input operator Ã measured (pixel
@@ -91,7 +91,10 @@ class AmbientDenoiser(nn.Module):
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
             in_channels=image_channels + extra,
-            out_channels=image_channels,
+            # EDM: two outputs, the denoising residual on what Ã measured and the image
+            # where it measured nothing (their targets differ in kind; one shared output
+            # leaked the residual's noise into the unmeasured lines).
+            out_channels=image_channels * (2 if preconditioning == "edm" else 1),
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
             num_res_blocks=num_res_blocks,
@@ -110,9 +113,13 @@ class AmbientDenoiser(nn.Module):
         c_in = (sigma.square() + sd2).rsqrt()
         c_skip = sd2 / (sigma.square() + sd2)
         c_out = sigma * self.sigma_data * c_in
-        out = self._unet(c_in * x, mask_image, t).to(x.dtype)
-        measured = project_measured(out, mask_image)
-        return c_skip * x + c_out * measured + self.sigma_data * (out - measured)
+        residual, image = self._unet(c_in * x, mask_image, t).to(x.dtype).chunk(2, dim=1)
+        unmeasured = image - project_measured(image, mask_image)
+        return (
+            c_skip * x
+            + c_out * project_measured(residual, mask_image)
+            + self.sigma_data * unmeasured
+        )
 
     def _unet(self, z: torch.Tensor, mask_image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         parts = [z, mask_image.to(z.dtype)]

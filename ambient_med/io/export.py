@@ -1,4 +1,4 @@
-"""Writers for what people open: NIfTI volumes of slices and PNG grids, atomically."""
+"""Writers for what people open: NIfTI volumes of slices, PNG grids and plots, atomically."""
 
 from __future__ import annotations
 
@@ -159,8 +159,16 @@ def write_table(path: str | Path, record: dict) -> None:
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def write_line_plot(path: str | Path, x, y, title: str) -> None:
-    from ambient_med.evaluation.figures import line_plot
+def write_line_plot(
+    path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    title: str,
+    ylabel: str = "loss",
+    xlabel: str = "training step",
+) -> None:
+    """A per-step curve (e.g. the training loss) with its moving average, as a PNG with
+    labelled axes and ticks (:func:`ambient_med.evaluation.figures.loss_curve`)."""
+    from ambient_med.evaluation.figures import loss_curve
 
-    with atomic_path(path) as tmp:
-        line_plot(tmp, x, y, title)
+    loss_curve(path, x, y, title, ylabel=ylabel, xlabel=xlabel)

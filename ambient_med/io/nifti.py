@@ -1,4 +1,7 @@
-"""NIfTI volumes → canonical RAS float arrays."""
+"""NIfTI volumes → canonical RAS float arrays.
+
+Only the header is read until the size is known to be acceptable (``ingest.max_voxels``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from ambient_med.errors import AmbientMedError
 
@@ -43,9 +47,14 @@ def read_nifti(path: Path, max_voxels: int, volume: int = 0) -> tuple[np.ndarray
         if not 0 <= volume < shape[3]:
             raise AmbientMedError(f"'{path.name}': has {shape[3]} volumes, asked for {volume}")
         image = image.slicer[..., volume]
-    image = nib.as_closest_canonical(image)
     try:
-        data = np.asarray(image.dataobj, dtype=np.float32)  # applies scl_slope / scl_inter
+        # Straight to float32 (scl_slope / scl_inter applied): no float64 copy of the volume.
+        data = np.asarray(image.dataobj, dtype=np.float32)
     except Exception as exc:
         raise AmbientMedError(f"'{path.name}': voxel data unreadable ({exc})") from None
-    return data, image.affine
+    # Closest canonical (RAS) orientation, as nib.as_closest_canonical, by flips and axis
+    # swaps that are views of the data rather than a second copy.
+    ornt = io_orientation(image.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return data, image.affine
+    return apply_orientation(data, ornt), image.affine @ inv_ornt_aff(ornt, data.shape)

@@ -198,8 +198,10 @@ def save_torch(path: str | Path, obj: Mapping[str, Any]) -> None:
     """``torch.save`` to a temporary name, then rename (no half-written checkpoint)."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(dict(obj), tmp)
+    # Through a file handle: given a path, torch names the archive's inner folder after the
+    # (random) temporary file, and two identical models would differ in their bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(dict(obj), handle)
 
 
 def load_torch(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:

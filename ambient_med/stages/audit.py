@@ -24,8 +24,9 @@ held-out half not used for calibration), ``silhouette`` (binary head masks, no a
 canary, repeats, exposure, reference, reference_exposure}`` — the fraction of samples that
 reproduce each planted canary at its place, beside the same for a never-planted reference
 canary; ``canary_exposure_max`` and ``canary_reference_exposure_max`` flat.
-The TSV table holds the flat keys (not the rows). Also writes the closest pairs as a PNG:
-each sample beside its nearest training image.
+The TSV table holds the flat keys (not the rows). Also writes the closest pairs as a PNG
+(each sample beside its nearest training image) and, when asked, a histogram of the samples'
+scores beside the held-out calibration half and the controls.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ambient_med.evaluation.audit import (
     control_images,
     memorization_audit,
 )
+from ambient_med.evaluation.figures import audit_histogram
 from ambient_med.io.canaries import read_canaries
 from ambient_med.io.export import write_png_grid, write_table
 from ambient_med.io.store import atomic_path, read_measurements, read_slices
@@ -110,6 +112,7 @@ def run(
     measurements_path: Path | None = None,
     kind: str | None = None,
     table_out: Path | None = None,
+    histogram_out: Path | None = None,
 ) -> None:
     audit_cfg = cfg["audit"]
     quantile = audit_cfg["quantile"]
@@ -176,6 +179,27 @@ def run(
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     if table_out is not None:
         write_table(table_out, summary)
+    if histogram_out is not None:
+        labels = {
+            "exact": "training copies",
+            "shift2": "training copies, shifted 2 px",
+            "blur": "training copies, blurred",
+            "silhouette": "head silhouettes",
+            "holdout": "other held-out half",
+        }
+        audit_histogram(
+            histogram_out,
+            result.holdout_ncc,
+            result.sample_ncc,
+            result.threshold,
+            {
+                text: result.control_ncc[name]
+                for name, text in labels.items()
+                if name in result.control_ncc
+            },
+            xlabel="copy statistic against the nearest training slice",
+            title=f"Memorization audit, {cfg['cohort']['name']} ({cfg['cohort']['train_mode']})",
+        )
     order = np.argsort(-result.sample_ncc)[: audit_cfg["pairs"]]
     tiles = []
     for i in order:

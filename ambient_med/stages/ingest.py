@@ -2,15 +2,20 @@
 
 Writes ``slices.h5`` (normalised axial magnitude slices of image inputs, and of raw k-space
 that was fully sampled), ``raw.h5`` (raw k-space as acquired, with ESPIRiT coil maps from
-the ACS lines) and ``manifest.csv`` (one row per input file). A file that cannot be used is
-skipped with a one-line reason and the rest is ingested — unless ``ingest.strict`` is set.
+the ACS lines) and ``manifest.csv`` (one row per input file, and per link or special file that
+cannot be one). A file that cannot be used is skipped with a one-line reason and the rest is
+ingested — unless ``ingest.strict`` is set. Files of the other kind than the cohort's
+``source`` (raw k-space in an images cohort, images in a raw one) are skipped likewise.
 Input folders are only read; every output is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from ambient_med.errors import AmbientMedError
-from ambient_med.io.dicom import assemble_series, group_series, read_header
+from ambient_med.io.canaries import plant_canaries
+from ambient_med.io.dicom import Header, assemble_series, group_series, scan_header
 from ambient_med.io.identity import pseudonym, site_secret
 from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.nifti import is_nifti, read_nifti
@@ -62,41 +68,153 @@ class Volume:
     line_mask: np.ndarray | None = None  # (slices, W)
 
 
-def _list_inputs(root: Path) -> list[Path]:
+def _list_inputs(root: Path) -> tuple[list[Path], dict[Path, tuple[str, str]]]:
+    """Every file under ``root`` and every entry that cannot be one, with its reason.
+
+    Folder links are followed once (a link back into a folder already searched is listed,
+    not followed again), so a loop cannot hang ingest; dangling links, link loops, a second
+    path to the same file and special files (FIFOs, sockets, devices) get a manifest row
+    instead of vanishing. Hidden files (``.name``) are ignored.
+    """
     if not root.exists():
         raise AmbientMedError(f"input folder '{root}': does not exist")
     if not root.is_dir():
         raise AmbientMedError(f"input folder '{root}': is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
+    files: list[Path] = []
+    unusable: dict[Path, tuple[str, str]] = {}
+    # Files and folders by (device, inode): a link, or a hard link, to one seen already is
+    # recognised without resolving every path.
+    paths_of: dict[tuple[int, int], list[tuple[bool, Path]]] = {}
+    searched: set[tuple[int, int]] = set()
+    linked: list[tuple[Path, tuple[int, int]]] = []
+
+    def walk(folder: Path, identity: tuple[int, int]) -> None:
+        searched.add(identity)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            unusable[folder] = ("unknown", f"folder cannot be read ({_os_reason(exc)})")
+            return
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                info = entry.stat()  # follows links: ELOOP / ENOENT name what is wrong
+            except OSError as exc:
+                if entry.is_symlink() and exc.errno == errno.ENOENT:
+                    unusable[path] = ("unknown", "dangling symbolic link (its target is missing)")
+                elif exc.errno == errno.ELOOP:
+                    unusable[path] = ("unknown", "symbolic link loop (the link never resolves)")
+                else:
+                    unusable[path] = ("unknown", f"cannot be read ({_os_reason(exc)})")
+                continue
+            key = (info.st_dev, info.st_ino)
+            if stat.S_ISDIR(info.st_mode):
+                if entry.is_symlink():
+                    linked.append((path, key))  # after the real folders: they keep their paths
+                else:
+                    walk(path, key)
+                continue
+            if entry.name.startswith("."):
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                unusable[path] = ("unknown", "not a regular file (a FIFO, socket or device)")
+                continue
+            paths_of.setdefault(key, []).append((entry.is_symlink(), path))
+
+    root_info = root.stat()
+    walk(root, (root_info.st_dev, root_info.st_ino))
+    while linked:
+        path, key = linked.pop(0)
+        if key in searched:
+            unusable[path] = (
+                "unknown",
+                "symbolic link to a folder already searched (a loop or a second path)",
+            )
+        else:
+            walk(path, key)
+    for paths in paths_of.values():
+        # One path per file: the file itself rather than a link to it, else the first link.
+        kept = min(paths)[1]
+        files.append(kept)
+        for _, path in paths:
+            if path != kept:
+                unusable[path] = (
+                    "unknown",
+                    f"same file as '{_rel(root, kept)}' (a link to it, or a copy by hard link)",
+                )
+    if not files and not unusable:
         raise AmbientMedError(f"input folder '{root}': contains no files")
-    return files
+    return sorted(files), unusable
+
+
+def _os_reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return (exc.strerror or exc.__class__.__name__).lower()
 
 
 def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _source_mismatch(fmt: str, source: str | None, cohort: str) -> str | None:
+    """Why a file of format ``fmt`` does not belong in a cohort of ``source``, or None."""
+    key = f"cohorts.{cohort}.source"
+    if source == "images" and fmt == "raw":
+        return (
+            f"raw k-space file, but {key} is 'images': give raw files a cohort of their own "
+            "with source: kspace and corruption: native"
+        )
+    if source == "kspace" and fmt in ("dicom", "nifti"):
+        return (
+            f"{'DICOM' if fmt == 'dicom' else 'NIfTI'} image, but {key} is 'kspace' (raw "
+            "k-space only): give images a cohort of their own with source: images"
+        )
+    return None
+
+
 def read_inputs(
-    root: Path, files: list[Path], secret: bytes, ingest: dict[str, Any]
+    root: Path,
+    files: list[Path],
+    secret: bytes,
+    ingest: dict[str, Any],
+    source: str | None = None,
+    cohort: str = "<name>",
 ) -> tuple[list[Volume], dict[Path, tuple[str, str]]]:
-    """Reads every usable volume; returns them and {file: (format, skip reason)}."""
+    """Reads every usable volume; returns them and {file: (format, skip reason)}.
+
+    Args:
+        source: the cohort's ``source`` (``images`` or ``kspace``): files of the other kind
+            are skipped with a reason. None accepts both.
+        cohort: the cohort's name, for messages.
+    """
     max_voxels = ingest["max_voxels"]
     volumes: list[Volume] = []
     skipped: dict[Path, tuple[str, str]] = {}
-    headers = {}
+    headers: dict[Path, Header] = {}
     for path in files:
-        rel = _rel(root, path)
         try:
-            if is_nifti(path):
+            if os.path.getsize(path) == 0:
+                skipped[path] = ("unknown", "empty file (0 bytes)")
+                continue
+        except OSError as exc:
+            skipped[path] = ("unknown", f"cannot be read ({_os_reason(exc)})")
+            continue
+        fmt = "nifti" if is_nifti(path) else "raw" if is_raw(path) else None
+        mismatch = _source_mismatch(fmt, source, cohort) if fmt else None
+        if mismatch is not None:
+            skipped[path] = (fmt, mismatch)
+            continue
+        try:
+            if fmt == "nifti":
                 data, affine = read_nifti(path, max_voxels, ingest["nifti_volume"])
                 nonfinite = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-                subject = pseudonym(secret, "nifti", rel)
+                subject = pseudonym(secret, "nifti", _rel(root, path))
                 volumes.append(Volume(subject, [path], "nifti", data, affine, nonfinite))
                 continue
-            if is_raw(path):
+            if fmt == "raw":
                 raw = read_raw(path, max_voxels)
-                keys = raw.identity_keys if any(raw.identity_keys) else ("file", rel)
+                keys = raw.identity_keys if any(raw.identity_keys) else ("file", _rel(root, path))
                 kspace, mask = fit_kspace(raw.kspace, raw.line_mask, ingest["image_size"])
                 volumes.append(
                     Volume(
@@ -109,23 +227,21 @@ def read_inputs(
                 )
                 continue
         except AmbientMedError as exc:
-            skipped[path] = ("nifti" if is_nifti(path) else "raw", str(exc))
+            skipped[path] = (fmt, str(exc))
             continue
-        except PermissionError:
-            skipped[path] = ("unknown", "cannot be read (permission denied)")
+        except OSError as exc:
+            skipped[path] = (fmt, f"cannot be read ({_os_reason(exc)})")
             continue
-        header = read_header(path)
+        header = scan_header(path)
         if header is None:
-            reason = "neither DICOM, NIfTI nor raw k-space"
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError:
-                reason = "cannot be read (permission denied or I/O error)"
-            skipped[path] = ("unknown", reason)
+            skipped[path] = ("unknown", "neither DICOM, NIfTI nor raw k-space")
+        elif isinstance(header, str):
+            skipped[path] = ("dicom", header)
+        elif (mismatch := _source_mismatch("dicom", source, cohort)) is not None:
+            skipped[path] = ("dicom", mismatch)
         else:
             headers[path] = header
-    series, not_used = group_series(headers)
+    series, not_used = group_series(headers, max_voxels)
     for path, reason in not_used.items():
         skipped[path] = ("dicom", reason)
     for uid in sorted(series):
@@ -144,12 +260,24 @@ def read_inputs(
     return volumes, skipped
 
 
-def _split(subjects: list[str], holdout: int, seed: int, cohort: str) -> dict[str, str]:
-    """Hold-out subjects chosen by a seeded hash of their pseudonym (order-independent)."""
+def _split(
+    subjects: list[str], holdout: int, seed: int, cohort: str, source: str = "images"
+) -> dict[str, str]:
+    """Hold-out subjects chosen by a seeded hash of their pseudonym (order-independent).
+
+    Raises:
+        AmbientMedError: fewer than ``holdout + 1`` subjects — saying what to do instead.
+    """
     if len(subjects) <= holdout:
+        advice = f"add scans of at least {holdout + 1 - len(subjects)} more subject(s)"
+        if source == "kspace":
+            advice += (
+                ", or, to reconstruct these scans with a model trained on another cohort, "
+                "name their folder in reconstruct.input instead of making them a cohort"
+            )
         raise AmbientMedError(
-            f"config key 'cohorts.{cohort}.holdout_subjects': {holdout} leaves no training "
-            f"subject among the {len(subjects)} ingested"
+            f"config key 'cohorts.{cohort}.holdout_subjects': {holdout} hold-out subject(s) "
+            f"leave no training subject among the {len(subjects)} ingested: {advice}"
         )
     ranked = sorted(subjects, key=lambda s: derive_seed(seed, "holdout", s))
     return {s: ("holdout" if i < holdout else "train") for i, s in enumerate(ranked)}
@@ -165,9 +293,13 @@ def run(
     cohort = cfg["cohort"]
     ingest = cfg["ingest"]
     root = Path(input_dir)
-    files = _list_inputs(root)
+    files, unusable = _list_inputs(root)
     secret = site_secret(demo=cohort["demo"])
-    volumes, skipped = read_inputs(root, files, secret, ingest)
+    volumes, skipped = read_inputs(
+        root, files, secret, ingest, source=cohort.get("source"), cohort=cohort["name"]
+    )
+    skipped |= unusable
+    files = sorted([*files, *unusable])
     for path, (_, reason) in sorted(skipped.items()):
         log.info("skipped %s: %s", _rel(root, path), reason)
     if skipped and ingest["strict"]:
@@ -176,12 +308,27 @@ def run(
             f"ingest.strict: {len(skipped)} file(s) skipped, first '{_rel(root, path)}': {reason}"
         )
     if not volumes:
-        raise AmbientMedError(f"input folder '{root}': no usable DICOM, NIfTI or raw k-space")
+        detail = ""
+        if skipped:
+            path, (_, reason) = sorted(skipped.items())[0]
+            detail = (
+                f" ({len(skipped)} of {len(files)} skipped, first '{_rel(root, path)}': "
+                f"{reason}; every reason is in the log)"
+            )
+        raise AmbientMedError(
+            f"input folder '{root}': no usable DICOM, NIfTI or raw k-space{detail}"
+        )
 
     # Rows of the stores point at volumes; a subject may own several volumes (series).
     volumes.sort(key=lambda v: (v.subject, v.files[0].as_posix()))
     subjects = sorted({v.subject for v in volumes})
-    split = _split(subjects, cohort["holdout_subjects"], cohort["seed"], cohort["name"])
+    split = _split(
+        subjects,
+        cohort["holdout_subjects"],
+        cohort["seed"],
+        cohort["name"],
+        cohort.get("source", "images"),
+    )
     size = ingest["image_size"]
     image_rows: dict[str, list] = {"images": [], "volume": [], "slice": []}
     raw_rows: dict[str, list] = {"kspace": [], "mask": [], "maps": [], "volume": [], "slice": []}
@@ -242,6 +389,15 @@ def run(
     raw_index = index(raw_rows)
     if len(slice_store.index.rows("train")) + len(raw_index.rows("train")) == 0:
         raise AmbientMedError(f"input folder '{root}': no training slice left after ingest")
+    if cohort.get("canaries") and len(images):
+        # Before any corruption: clean models see them as they are, ambient ones only
+        # through the measurements (the audit then measures who reproduces them).
+        slice_store, planted = plant_canaries(slice_store, cohort["canaries"], cohort["seed"])
+        log.info(
+            "planted %d canaries (in %s training slices) and drew as many references",
+            sum(c.planted for c in planted),
+            "/".join(str(c.repeats) for c in planted if c.planted),
+        )
     write_slices(slices_out, slice_store)
     if raw_out is not None:
         if raw_rows["kspace"]:

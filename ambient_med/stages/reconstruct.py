@@ -145,8 +145,9 @@ def _diffusion(net, meta, rc, op, y, seed, sampler) -> tuple[np.ndarray, np.ndar
 
 def _panel(path: Path, columns: list[tuple[str, np.ndarray]], reference: np.ndarray) -> None:
     """PNG: top row images, bottom row |error| ×5 against the reference (first column),
-    with colour bars and each method's PSNR on this slice."""
-    recon_panel(path, columns, reference, error_gain=5.0)
+    with colour bars and each method's PSNR on this slice. Without a fully sampled
+    reference (new scans: the first column is zero-filled), differences and no PSNR."""
+    recon_panel(path, columns, reference, error_gain=5.0, scored=columns[0][0] == "reference")
     with atomic_path(path.with_suffix(".txt")) as tmp:
         tmp.write_text(" | ".join(name for name, _ in columns) + "\n(bottom row: |error| x5)\n")
 
