@@ -8,7 +8,6 @@ from conftest import REPO
 from PIL import Image
 
 from ambient_med.evaluation import figures
-from ambient_med.io.export import write_line_plot
 
 
 @pytest.fixture
@@ -36,7 +35,7 @@ def _png(path):
 def test_loss_curve_has_labelled_axes_ticks_and_a_legend(tmp_path, drawn):
     steps = np.arange(1, 301)
     loss = 0.5 * np.exp(-steps / 80) + 0.01 * np.random.default_rng(0).random(300) + 0.02
-    write_line_plot(tmp_path / "loss.png", steps, loss, "ambient/kspace training loss per step")
+    figures.loss_curve(tmp_path / "loss.png", steps, loss, "ambient/kspace training loss per step")
     _png(tmp_path / "loss.png")
     (axes,) = drawn[0].axes
     assert axes.get_xlabel() == "training step" and axes.get_ylabel() == "loss"
@@ -50,16 +49,16 @@ def test_loss_curve_has_labelled_axes_ticks_and_a_legend(tmp_path, drawn):
 
 def test_figures_are_the_same_bytes_on_a_rerun(tmp_path):
     steps, loss = np.arange(1, 51), np.linspace(1.0, 0.1, 50)
-    write_line_plot(tmp_path / "a.png", steps, loss, "loss")
-    write_line_plot(tmp_path / "b.png", steps, loss, "loss")
+    figures.loss_curve(tmp_path / "a.png", steps, loss, "loss")
+    figures.loss_curve(tmp_path / "b.png", steps, loss, "loss")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
 def test_a_few_steps_and_non_finite_losses_still_plot(tmp_path):
-    write_line_plot(
+    figures.loss_curve(
         tmp_path / "six.png", np.arange(1, 7), np.array([1, 0.8, 0.9, 0.7, 0.6, 0.65]), "t"
     )
-    write_line_plot(tmp_path / "nan.png", np.arange(1, 4), np.full(3, np.nan), "t")
+    figures.loss_curve(tmp_path / "nan.png", np.arange(1, 4), np.full(3, np.nan), "t")
     for name in ("six.png", "nan.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG"

@@ -141,19 +141,6 @@ def loss_curve(
     save_figure(figure, path)
 
 
-def line_plot(
-    path: str | Path,
-    x: np.ndarray,
-    y: np.ndarray,
-    title: str,
-    ylabel: str = "loss",
-    xlabel: str = "training step",
-    smooth: int = 25,
-) -> None:
-    """A per-step series and its moving average (see :func:`loss_curve`)."""
-    loss_curve(path, x, y, title, ylabel=ylabel, xlabel=xlabel, smooth=smooth)
-
-
 def _slice_psnr(reference: np.ndarray, image: np.ndarray) -> float:
     """PSNR in dB of one slice against the reference slice (peak = reference maximum)."""
     rmse = float(np.sqrt(np.mean((reference - image) ** 2)))

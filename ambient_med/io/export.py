@@ -157,18 +157,3 @@ def write_table(path: str | Path, record: dict) -> None:
         lines.append(f"{key}\t{value}")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-
-
-def write_line_plot(
-    path: str | Path,
-    x: np.ndarray,
-    y: np.ndarray,
-    title: str,
-    ylabel: str = "loss",
-    xlabel: str = "training step",
-) -> None:
-    """A per-step curve (e.g. the training loss) with its moving average, as a PNG with
-    labelled axes and ticks (:func:`ambient_med.evaluation.figures.loss_curve`)."""
-    from ambient_med.evaluation.figures import loss_curve
-
-    loss_curve(path, x, y, title, ylabel=ylabel, xlabel=xlabel)

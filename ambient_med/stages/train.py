@@ -25,7 +25,8 @@ from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddpm, build_denoiser
 from ambient_med.diffusion.training import Trainer, TrainingSet
 from ambient_med.errors import AmbientMedError
-from ambient_med.io.export import write_line_plot, write_table
+from ambient_med.evaluation.figures import loss_curve
+from ambient_med.io.export import write_table
 from ambient_med.io.store import atomic_path, load_torch, save_torch, sha256_file
 from ambient_med.stages.common import MODEL_FORMAT, load_examples
 
@@ -215,7 +216,13 @@ def run(
     final = history[:, 1]
     if loss_plot is not None:
         mode = cfg["cohort"]["train_mode"]
-        write_line_plot(loss_plot, history[:, 0], final, f"{mode}/{kind} training loss per step")
+        loss_curve(
+            loss_plot,
+            history[:, 0],
+            final,
+            f"{mode}/{kind} training loss per step",
+            ylabel="loss on measured entries" if mode != "clean" else "loss",
+        )
     if provenance_table is not None:
         record = {f"version_{k}": v for k, v in prov["versions"].items()}
         record |= {f"input_sha256_{k}": v for k, v in prov["inputs"].items()}
