@@ -337,6 +337,13 @@ def main(argv: list[str] | None = None) -> Path:
         write_markdown(rows, results_dir / f"reconstruction{suffix}", note)
         return path
 
+    def keep(into: list[dict], images: np.ndarray, seconds: float, **keys) -> None:
+        """Scores per hold-out volume, appended to ``scores.jsonl`` and to ``into``."""
+        new = score_records(reference, images, volumes, seconds, **keys, **base)
+        append_scores(scores_path, new)
+        into.extend(new)
+        logging.info("%s: PSNR %.2f", keys, np.mean([r["psnr"] for r in new]))
+
     problems = {}
     for accel in args.accelerations:
         if ("zero_filled", "", 0, accel, "") in done:
@@ -346,20 +353,16 @@ def main(argv: list[str] | None = None) -> Path:
         )
         problems[accel] = (op, y)
         for method in ("zero_filled", "cs_l1"):
-            new = score_records(
-                reference,
+            keep(
+                records,
                 results[method],
-                volumes,
                 seconds[method],
                 method=method,
                 train_mode="",
                 sampler="",
                 R=accel,
                 seed=0,
-                **base,
             )
-            append_scores(scores_path, new)
-            records.extend(new)
     path = save()
 
     for train_seed in args.seeds:
@@ -390,10 +393,9 @@ def main(argv: list[str] | None = None) -> Path:
                 learned, learned_seconds = diffusion_methods(
                     net, meta, rc | {"samplers": ["dc"]}, *problems[4], seed
                 )
-                new = score_records(
-                    reference,
+                keep(
+                    curve,
                     learned["diffusion_dc"],
-                    volumes,
                     learned_seconds["diffusion_dc"],
                     method="curve",
                     train_mode=mode,
@@ -401,16 +403,6 @@ def main(argv: list[str] | None = None) -> Path:
                     R=4,
                     seed=train_seed,
                     step=step,
-                    **base,
-                )
-                append_scores(scores_path, new)
-                curve.extend(new)
-                logging.info(
-                    "%s seed %d step %d: DC R4 PSNR %.2f",
-                    mode,
-                    train_seed,
-                    step,
-                    np.mean([r["psnr"] for r in new]),
                 )
             if not (out / "model.pt").exists():
                 train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
@@ -439,27 +431,15 @@ def main(argv: list[str] | None = None) -> Path:
                     learned[f"diffusion_{variant}"] = extra["diffusion_dc"]
                     learned_seconds[f"diffusion_{variant}"] = extra_seconds["diffusion_dc"]
                 for name, images in learned.items():
-                    new = score_records(
-                        reference,
+                    keep(
+                        records,
                         images,
-                        volumes,
                         learned_seconds[name],
                         method="diffusion",
                         train_mode=mode,
                         sampler=name.removeprefix("diffusion_"),
                         R=accel,
                         seed=train_seed,
-                        **base,
-                    )
-                    append_scores(scores_path, new)
-                    records.extend(new)
-                    logging.info(
-                        "%s seed %d R%g %s: PSNR %.2f",
-                        mode,
-                        train_seed,
-                        accel,
-                        name,
-                        np.mean([r["psnr"] for r in new]),
                     )
             path = save()
     print(f"wrote {path}")
