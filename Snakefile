@@ -100,6 +100,7 @@ rule all:
         expand("results/{cohort}/eval/metrics.json", cohort=COHORTS),
         expand("results/{cohort}/eval/memorization.json", cohort=COHORTS),
         expand("results/{cohort}/reconstruct/metrics.json", cohort=COHORTS),
+        expand("results/{cohort}/bundle", cohort=COHORTS),
     localrule: True
 
 
@@ -322,6 +323,26 @@ rule audit:
         "--measurements {input.measurements} --memorization {output.memorization} "
         "--figure {output.figure} --table {output.table} "
         "--histogram {output.histogram} 2> {log}"
+
+
+rule bundle:
+    input:
+        model="results/{cohort}/train/model.pt",
+    output:
+        directory("results/{cohort}/bundle"),
+    log:
+        "results/{cohort}/logs/bundle.log",
+    benchmark:
+        "results/{cohort}/benchmarks/bundle.tsv"
+    conda:
+        ENV
+    threads: 1
+    params:
+        version=__version__,
+        cfg=stage_params("bundle"),
+    shell:
+        "ambient-med bundle --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --model {input.model} --output {output} 2> {log}"
 
 
 rule evaluate:

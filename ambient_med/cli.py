@@ -37,9 +37,11 @@ STAGES: dict[str, str] = {
     "reconstruct": "Undersample hold-out scans retrospectively and reconstruct them with "
     "zero-filling, L1-wavelet compressed sensing and the diffusion prior (DC, DPS, one-step); "
     "write NIfTI, derived DICOM, PNG panels and PSNR/SSIM/NRMSE.",
-    "audit": "Memorization audit: nearest-training normalised cross-correlation of every "
-    "sample, with a threshold calibrated on held-out subjects; JSON and a figure of the "
-    "closest pairs.",
+    "audit": "Memorization audit: every sample's nearest training slice under a copy statistic "
+    "that sees anatomy, a threshold calibrated on held-out subjects, controls and canaries; "
+    "JSON, the closest pairs and a histogram.",
+    "bundle": "Write the cohort's model as a MONAI bundle (configs, state dict, docs and a "
+    "synthetic example that `python -m monai.bundle run` reconstructs).",
     "evaluate": "Measure a trained model on clean hold-out slices (x0-prediction error at "
     "several noise levels) into a flat metrics.json.",
 }
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="measurement store: zero-filled references when there is no clean image",
     )
+    p = parsers["bundle"]
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="bundle folder to write")
     p = parsers["evaluate"]
     p.add_argument("--samples", type=Path, default=None, help="adds generation-quality metrics")
     p.add_argument("--table", type=Path, default=None, help="the metrics as a TSV table")
@@ -221,6 +226,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             args.table,
             args.histogram,
         )
+    elif stage == "bundle":
+        from ambient_med.stages import bundle
+
+        bundle.run(_stage_cfg(args, "bundle"), args.model, args.output)
     elif stage == "evaluate":
         from ambient_med.stages import evaluate
 

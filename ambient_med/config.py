@@ -34,6 +34,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "reconstruct": ("reconstruct",),
     "audit": ("audit",),
     "evaluate": ("evaluate",),
+    "bundle": ("reconstruct",),
 }
 
 
