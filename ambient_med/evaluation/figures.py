@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
 from ambient_med.io.store import atomic_path
 
@@ -53,14 +52,13 @@ def grid_image(images: np.ndarray, columns: int = 4, vmax: float | None = None) 
 
 
 def save_grid(path: str | Path, images: np.ndarray, columns: int = 4, upscale: int = 2) -> None:
-    """Writes :func:`grid_image` as a PNG, enlarged by ``upscale`` (nearest neighbour)."""
+    """Writes :func:`grid_image` as a grey PNG (matplotlib), enlarged by ``upscale`` (nearest
+    neighbour), without a timestamp: same images, same bytes."""
+    from matplotlib.image import imsave
+
     canvas = grid_image(images, columns)
-    picture = Image.fromarray(canvas)
-    if upscale > 1:
-        picture = picture.resize(
-            (canvas.shape[1] * upscale, canvas.shape[0] * upscale), Image.Resampling.NEAREST
-        )
-    picture.save(path, format="PNG")
+    canvas = np.repeat(np.repeat(canvas, upscale, axis=0), upscale, axis=1)
+    imsave(path, canvas, cmap="gray", vmin=0, vmax=255, format="png", metadata={"Software": None})
 
 
 def new_figure(width: float, height: float) -> Figure:
