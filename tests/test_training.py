@@ -163,3 +163,17 @@ def test_saved_models_are_byte_identical(tmp_path):
     save_torch(tmp_path / "b.pt", state)
     assert _sha(tmp_path / "a.pt") == _sha(tmp_path / "b.pt")
     assert torch.load(tmp_path / "a.pt", weights_only=True)["steps"] == 3
+
+
+def test_training_writes_tensorboard_loss_and_sample_grids(kspace_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tiny_config(), kspace_store, tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    logged = np.loadtxt(tmp_path / "loss.csv", delimiter=",", skiprows=1)
+    assert [e.step for e in losses] == logged[:, 0].astype(int).tolist()
+    np.testing.assert_allclose([e.value for e in losses], logged[:, 1], rtol=1e-4)
+    grids = events.Images("samples")
+    assert [g.step for g in grids] == [3, 6]  # every checkpoint of the tiny config

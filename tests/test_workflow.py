@@ -149,6 +149,10 @@ def test_tiny_workflow_end_to_end(tmp_path):
     ):
         with Image.open(results / png) as picture:
             assert picture.format == "PNG"
+    bundle = results / "bundle"
+    for part in ("configs/inference.json", "configs/metadata.json", "models/model.pt"):
+        assert (bundle / part).is_file(), part
+    assert (bundle / "example" / "scan.h5").is_file()
     report = _snakemake(work, "--report", "report.html", "--configfile", "config/tiny.yaml")
     assert report.returncode == 0
     html = (work / "report.html").read_text(errors="replace")

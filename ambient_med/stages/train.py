@@ -22,12 +22,14 @@ from tqdm import tqdm
 from ambient_med import __version__
 from ambient_med.config import config_hash
 from ambient_med.diffusion.losses import AmbientObjective
-from ambient_med.diffusion.model import build_ddpm, build_denoiser
-from ambient_med.diffusion.training import Trainer, TrainingSet
+from ambient_med.diffusion.model import build_ddim, build_ddpm, build_denoiser
+from ambient_med.diffusion.samplers import sample_prior
+from ambient_med.diffusion.training import Trainer, TrainingSet, inference_operator
 from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.figures import loss_curve
 from ambient_med.io.export import write_table
 from ambient_med.io.store import atomic_path, load_torch, save_torch, sha256_file
+from ambient_med.physics.masks import derive_seed
 from ambient_med.stages.common import MODEL_FORMAT, load_examples
 
 log = logging.getLogger(__name__)
@@ -173,20 +175,25 @@ def run(
         mininterval=1.0 if sys.stderr.isatty() else 15.0,
     )
     start, first_step = time.perf_counter(), trainer.step
+    board = TensorBoardLog(Path(model_out).parent / "tb", cfg, data)
     with open(loss_log, "a", newline="") as handle:
         writer = csv.writer(handle)
         while trainer.step < total:
             loss = trainer.train_step()
             writer.writerow((trainer.step, f"{loss:.6g}"))
+            board.loss(trainer.step, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if trainer.step % train_cfg["checkpoint_every"] == 0 or trainer.step == total:
                 handle.flush()
                 save_torch(checkpoint, trainer.state_dict() | prov_keys(prov))
+                board.samples(trainer)
             if stop_after is not None and trainer.step >= stop_after:
                 bar.close()
+                board.close()
                 return
     bar.close()
+    board.close()
     log.info("%.3f s per step", (time.perf_counter() - start) / max(1, total - first_step))
 
     kind = data.kind
@@ -230,6 +237,57 @@ def run(
         record |= {"mode": cfg["cohort"]["train_mode"], "kind": kind}
         write_table(provenance_table, record)
     log.info("done: %d steps, mean loss of the last 50 steps %.5f", total, final[-50:].mean())
+
+
+class TensorBoardLog:
+    """TensorBoard event files beside the model (``train/tb/``): the loss at every step and,
+    at every checkpoint, a grid of prior samples from the EMA weights (a short DDIM run with
+    its own seeded generator, so training draws are untouched). Not a declared output:
+    event files carry wall times, and the workflow's outputs stay byte-reproducible."""
+
+    SAMPLES = 4
+    SAMPLE_STEPS = 20
+
+    def __init__(self, folder: Path, cfg: dict[str, Any], data: TrainingSet) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+        self.meta = {
+            "mode": cfg["cohort"]["train_mode"],
+            "kind": data.kind,
+            "delta": float(cfg["train"]["delta"]),
+            "corrupt": cfg["corrupt"],
+        }
+        if data.masks is not None and data.kind == "native":
+            self.meta["native_line_mask"] = data.masks[0].tolist()
+        self.shape = (self.SAMPLES, data.image_channels, *data.image_shape)
+        self.ddim = build_ddim(cfg["scheduler"], self.SAMPLE_STEPS)
+        self.seed = int(cfg["cohort"]["seed"])
+
+    def loss(self, step: int, value: float) -> None:
+        self.writer.add_scalar("train/loss", value, step)
+
+    @torch.no_grad()
+    def samples(self, trainer: Trainer) -> None:
+        net = trainer.ema.module
+        was_training = net.training
+        net.eval()
+        height, width = self.shape[-2:]
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "tensorboard"))
+
+        def operator(batch: int, step: int):
+            return inference_operator(self.meta, batch, height, width, derive_seed(self.seed, step))
+
+        images = sample_prior(
+            net, self.ddim, operator, self.shape, generator, device=trainer.device
+        )
+        magnitudes = images.float().square().sum(dim=1, keepdim=True).sqrt().cpu()
+        peak = magnitudes.flatten(1).amax(dim=1).clamp(min=1e-6).view(-1, 1, 1, 1)
+        self.writer.add_images("samples", magnitudes / peak, trainer.step)
+        net.train(was_training)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def prov_keys(prov: dict[str, Any]) -> dict[str, Any]:
