@@ -158,9 +158,8 @@ def aggregate(records: list[dict]) -> list[dict]:
         groups[key].append(r)
     rows = []
     tables = {}
-    for (method, mode, corruption, sampler, accel, coils), group in sorted(
-        groups.items(), key=lambda item: tuple(str(x) for x in item[0])
-    ):
+    for key, group in sorted(groups.items(), key=lambda item: tuple(str(x) for x in item[0])):
+        _, mode, corruption, sampler, accel, coils = key
         seeds = sorted({r["seed"] for r in group})
         volumes = sorted({r["volume"] for r in group})
         table = {
@@ -170,24 +169,11 @@ def aggregate(records: list[dict]) -> list[dict]:
             for name in (*METRICS, "seconds_per_slice")
         }
         tables[(mode, corruption, sampler, accel, coils)] = (seeds, volumes, table["psnr"])
-        low, high = bootstrap_ci(table["psnr"])
         rows.append(
-            {
-                "method": method,
-                "train_mode": mode,
-                "corruption": corruption,
-                "sampler": sampler,
-                "R": accel,
-                "p": None,
-                "coils": coils,
-                "seeds": len(seeds),
-                "volumes": len(volumes),
-                "psnr": round(float(table["psnr"].mean()), 3),
-                "psnr_ci95": [round(low, 3), round(high, 3)],
-                "ssim": round(float(table["ssim"].mean()), 4),
-                "ssim_fg": round(float(table["ssim_fg"].mean()), 4),
-                "nrmse": round(float(table["nrmse"].mean()), 4),
-                "seconds_per_slice": round(float(table["seconds_per_slice"].mean()), 4),
+            _row(key, seeds, volumes, table["psnr"])
+            | {
+                name: round(float(table[name].mean()), 4)
+                for name in ("ssim", "ssim_fg", "nrmse", "seconds_per_slice")
             }
         )
     # Paired differences: same seed index and volume, ambient against each baseline.
@@ -198,28 +184,33 @@ def aggregate(records: list[dict]) -> list[dict]:
             match = tables.get((other, corruption, sampler, accel, coils))
             if match is None or match[0] != seeds or match[1] != volumes:
                 continue
-            diff = psnr - match[2]
-            low, high = bootstrap_ci(diff)
-            rows.append(
-                {
-                    "method": "difference",
-                    "train_mode": f"ambient-{other}",
-                    "corruption": corruption,
-                    "sampler": sampler,
-                    "R": accel,
-                    "p": None,
-                    "coils": coils,
-                    "seeds": len(seeds),
-                    "volumes": len(volumes),
-                    "psnr": round(float(diff.mean()), 3),
-                    "psnr_ci95": [round(low, 3), round(high, 3)],
-                    "ssim": None,
-                    "ssim_fg": None,
-                    "nrmse": None,
-                    "seconds_per_slice": None,
-                }
-            )
+            key = ("difference", f"ambient-{other}", corruption, sampler, accel, coils)
+            rows.append(_row(key, seeds, volumes, psnr - match[2]))
     return rows
+
+
+def _row(key: tuple, seeds: list, volumes: list, psnr: np.ndarray) -> dict:
+    """One contract row: the mean PSNR over seeds × volumes and its bootstrap interval (the
+    other metrics are null unless the caller adds them)."""
+    method, mode, corruption, sampler, accel, coils = key
+    low, high = bootstrap_ci(psnr)
+    return {
+        "method": method,
+        "train_mode": mode,
+        "corruption": corruption,
+        "sampler": sampler,
+        "R": accel,
+        "p": None,
+        "coils": coils,
+        "seeds": len(seeds),
+        "volumes": len(volumes),
+        "psnr": round(float(psnr.mean()), 3),
+        "psnr_ci95": [round(low, 3), round(high, 3)],
+        "ssim": None,
+        "ssim_fg": None,
+        "nrmse": None,
+        "seconds_per_slice": None,
+    }
 
 
 def _find(group: list[dict], seed: int, volume: int) -> dict:
