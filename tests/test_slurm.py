@@ -16,9 +16,8 @@ MinJobAge (an hour here). The scheduler records checked are slurmctld's own: `sq
 show job` (a batch job, completed, its partition, CPUs, memory, time limit and GPU), its log of
 batch submissions, and its job-completion log (`jobcomp/filetxt`).
 
-The outputs must equal a local run's: every file byte for byte, except the `.pt` archives,
-whose zip entries are compared instead (torch names the archive's top folder after the
-temporary file it writes, which carries a random suffix), and the logs and benchmark timings.
+The outputs must equal a local run's byte for byte — model files included — except the logs,
+benchmark timings and TensorBoard event files, which carry wall-clock times by design.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -270,21 +268,15 @@ def _time_limit(minutes: int) -> str:
     return f"{days}-{clock}" if days else clock
 
 
-def _contents(path: Path) -> object:
-    """A file's bytes; for a torch archive, its entries (minus the random top folder name)."""
-    if path.suffix == ".pt":
-        with zipfile.ZipFile(path) as archive:
-            return {n.split("/", 1)[1]: archive.read(n) for n in archive.namelist()}
-    return path.read_bytes()
-
-
-def _outputs(work: Path) -> dict[str, object]:
+def _outputs(work: Path) -> dict[str, bytes]:
+    """Every file under data/ and results/ but logs, timings and TensorBoard events (these
+    carry wall-clock times by design)."""
     files = {}
     for top in ("data", "results"):
         for path in sorted((work / top).rglob("*")):
             rel = path.relative_to(work)
-            if path.is_file() and not {"logs", "benchmarks"} & set(rel.parts):
-                files[str(rel)] = _contents(path)
+            if path.is_file() and not {"logs", "benchmarks", "tb"} & set(rel.parts):
+                files[str(rel)] = path.read_bytes()
     return files
 
 
