@@ -32,8 +32,7 @@ from ambient_med.evaluation import audit  # noqa: E402
 from ambient_med.evaluation.metrics import bootstrap_ci, per_volume_metrics  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
 from ambient_med.physics.acquisition import Acquisition  # noqa: E402
-from ambient_med.stages.common import example_keys, magnitude  # noqa: E402
-from ambient_med.stages.reconstruct import slice_identity  # noqa: E402
+from ambient_med.stages.common import example_keys, magnitude, slice_identity  # noqa: E402
 
 
 def audit_rows(train: np.ndarray, holdout: np.ndarray) -> list[dict]:

@@ -51,6 +51,12 @@ def example_keys(subjects: list[str], subject: np.ndarray, slice_index: np.ndarr
     ]
 
 
+def slice_identity(store: SliceStore, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(subject pseudonym, slice index) of the store rows ``rows``: what seeds their phase."""
+    subjects = [store.index.subjects[v] for v in store.index.subject[rows]]
+    return subjects, store.index.slice_index[rows]
+
+
 def clean_images(store: SliceStore, rows: np.ndarray, kind: str, seed: int) -> torch.Tensor:
     """The clean images of ``rows`` in a model's layout ``(N, C, H, W)``.
 
@@ -61,8 +67,7 @@ def clean_images(store: SliceStore, rows: np.ndarray, kind: str, seed: int) -> t
     images = store.images[rows]
     if kind == "pixel":
         return as_channels(images)
-    subjects = [store.index.subjects[v] for v in store.index.subject[rows]]
-    return as_channels(complex_slices(images, subjects, store.index.slice_index[rows], seed))
+    return as_channels(complex_slices(images, *slice_identity(store, rows), seed))
 
 
 def load_examples(

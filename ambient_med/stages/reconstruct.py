@@ -54,7 +54,13 @@ from ambient_med.physics.operators import (
     SingleCoilFourier,
 )
 from ambient_med.physics.recon import choose_lambda, l1_wavelet
-from ambient_med.stages.common import example_keys, load_model, magnitude, spread_rows
+from ambient_med.stages.common import (
+    example_keys,
+    load_model,
+    magnitude,
+    slice_identity,
+    spread_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +76,6 @@ def acquisition(rc: dict[str, Any], acceleration: float, size: int, seed: int) -
         coils=rc["coils"],
         noise_sigma=rc["noise_sigma"],
     )
-
-
-def slice_identity(store, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """(subject pseudonym, slice index) of the store rows ``rows``: what seeds their phase."""
-    subjects = [store.index.subjects[v] for v in store.index.subject[rows]]
-    return subjects, store.index.slice_index[rows]
 
 
 def network_operator_factory(
