@@ -180,6 +180,28 @@ rule corrupt:
         "--output {output.store} --examples {output.examples} 2> {log}"
 
 
+def train_launcher(wildcards):
+    """`ambient-med`, or torchrun starting train.distributed's data-parallel processes."""
+    dist = config["train"]["distributed"]
+    if dist["nproc_per_node"] * dist["nnodes"] == 1:
+        return "ambient-med"
+    if dist["rdzv_endpoint"]:
+        rendezvous = f"--rdzv-backend c10d --rdzv-endpoint {dist['rdzv_endpoint']}"
+    else:
+        rendezvous = "--standalone"
+    return (
+        f"torchrun --nnodes {dist['nnodes']} --nproc-per-node {dist['nproc_per_node']} "
+        f"{rendezvous} -m ambient_med"
+    )
+
+
+def train_gpus(wildcards):
+    """GPUs per node the scheduler must grant: one per process on CUDA, none on CPU."""
+    if config["train"]["device"] != "cuda":
+        return 0
+    return config["train"]["distributed"]["nproc_per_node"]
+
+
 rule train_model:
     input:
         train_input,
@@ -206,13 +228,15 @@ rule train_model:
         ENV
     threads: 8
     resources:
-        gpu=lambda wildcards: int(config["train"]["device"] == "cuda"),
+        gpu=train_gpus,
+        nodes=lambda wildcards: config["train"]["distributed"]["nnodes"],
     params:
         version=__version__,
         cfg=stage_params("train"),
         checkpoints=lambda wildcards: f"results/{wildcards.cohort}/train/checkpoints",
+        launcher=train_launcher,
     shell:
-        "ambient-med train --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "{params.launcher} train --cohort {wildcards.cohort} --config-json {params.cfg:q} "
         "--threads {threads} --input {input} --model {output.model} "
         "--loss-log {output.loss} --checkpoints {params.checkpoints} "
         "--loss-plot {output.plot} --provenance {output.provenance} 2> {log}"

@@ -256,8 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
 
-        # Snakemake may grant more threads than the machine has (--cores 8 on 2 cores).
-        torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+        # Snakemake may grant more threads than the machine has (--cores 8 on 2 cores);
+        # processes that torchrun starts on one node share them.
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1) // share))
+        if int(os.environ.get("RANK", "0")) > 0:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the run
         _dispatch(args)
     except AmbientMedError as exc:
         print(f"ambient-med {args.stage}: error: {exc}", file=sys.stderr)

@@ -100,6 +100,18 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
             raise AmbientMedError(
                 f"config key 'cohorts.{name}.source': a demo cohort is made of images"
             )
+    train = filled["train"]
+    processes = train["distributed"]["nproc_per_node"] * train["distributed"]["nnodes"]
+    if train["batch_size"] % processes:
+        raise AmbientMedError(
+            f"config key 'train.batch_size': {train['batch_size']} examples do not split evenly "
+            f"over the {processes} processes of train.distributed"
+        )
+    if train["distributed"]["nnodes"] > 1 and not train["distributed"]["rdzv_endpoint"]:
+        raise AmbientMedError(
+            "config key 'train.distributed.rdzv_endpoint': nnodes > 1 needs the host:port of "
+            "the first node"
+        )
     return filled
 
 

@@ -96,3 +96,26 @@ def demo_slices(config: dict, work: Path, name: str = "slices.h5") -> Path:
     if not slices.exists():
         ingest.run(stage_config(config, "demo", "ingest"), inputs, slices, work / "manifest.csv")
     return slices
+
+
+def checkpoint_model(checkpoint: Path, cfg: dict, image_channels: int, image_size: int):
+    """The EMA denoiser of a training checkpoint (mid-run), ready to sample with."""
+    from ambient_med.diffusion.model import build_denoiser
+    from ambient_med.diffusion.training import ema_weights
+    from ambient_med.io.store import load_torch
+
+    state = load_torch(checkpoint)
+    net = build_denoiser(cfg["model"], image_channels, cfg["scheduler"])
+    net.load_state_dict(ema_weights(state))
+    net.eval()
+    meta = {
+        "mode": cfg["cohort"]["train_mode"],
+        "kind": cfg["cohort"]["corruption"],
+        "image_channels": image_channels,
+        "image_size": image_size,
+        "delta": cfg["train"]["delta"],
+        "scheduler": cfg["scheduler"],
+        "corrupt": cfg["corrupt"],
+        "steps": int(state["step"]),
+    }
+    return net, meta

@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RESULTS,
+    checkpoint_model,
     demo_slices,
     load_config,
     machine_kind,
@@ -44,9 +45,8 @@ from common import (  # noqa: E402
 )
 
 from ambient_med.config import stage_config  # noqa: E402
-from ambient_med.diffusion.model import build_denoiser  # noqa: E402
 from ambient_med.evaluation.metrics import METRICS, bootstrap_ci, per_volume_metrics  # noqa: E402
-from ambient_med.io.store import load_torch, read_slices  # noqa: E402
+from ambient_med.io.store import read_slices  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
 from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
@@ -62,28 +62,6 @@ def holdout_rows(store, per_volume: int) -> np.ndarray:
         for v in np.unique(store.index.subject[rows])
     ]
     return np.concatenate(picked)
-
-
-def checkpoint_model(checkpoint: Path, cfg: dict, image_channels: int, image_size: int):
-    """The EMA denoiser of a training checkpoint (mid-run), ready to sample with."""
-    state = load_torch(checkpoint)
-    net = build_denoiser(cfg["model"], image_channels, cfg["scheduler"])
-    prefix = "module."
-    net.load_state_dict(
-        {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
-    )
-    net.eval()
-    meta = {
-        "mode": cfg["cohort"]["train_mode"],
-        "kind": cfg["cohort"]["corruption"],
-        "image_channels": image_channels,
-        "image_size": image_size,
-        "delta": cfg["train"]["delta"],
-        "scheduler": cfg["scheduler"],
-        "corrupt": cfg["corrupt"],
-        "steps": int(state["step"]),
-    }
-    return net, meta
 
 
 def curve_rows(records: list[dict]) -> list[dict]:

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import REPO
 from PIL import Image
 
@@ -67,6 +68,19 @@ def test_dry_run_lists_ingest_corrupt_train(tmp_path):
     # Clean images never reach training: train_model's only input is the k-space store.
     block = out.split("rule train_model:")[1].split("rule ")[0]
     assert "input: results/demo/corrupt/kspace.h5\n" in block
+
+
+def test_ddp_rule_runs_under_torchrun_and_asks_for_the_gpus(tmp_path):
+    work = _workdir(tmp_path)
+    distributed = {"nproc_per_node": 4, "nnodes": 1}
+    (work / "ddp.yaml").write_text(
+        yaml.safe_dump({"train": {"device": "cuda", "distributed": distributed}})
+    )
+    proc = _snakemake(work, "train", "-n", "-p", "--configfile", "config/config.yaml", "ddp.yaml")
+    out = proc.stdout + proc.stderr
+    block = out.split("rule train_model:")[1].split("rule ")[0]
+    assert "torchrun --nnodes 1 --nproc-per-node 4 --standalone -m ambient_med train" in out
+    assert "gpu=4" in block
 
 
 def test_bad_config_fails_with_one_line_naming_the_key(tmp_path):

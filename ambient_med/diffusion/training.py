@@ -102,21 +102,30 @@ class TrainingSet:
         )
 
     def operators(
-        self, idx: torch.Tensor, generator: torch.Generator, device: torch.device | str
+        self,
+        idx: torch.Tensor,
+        generator: torch.Generator,
+        device: torch.device | str,
+        shard: slice = slice(None),
     ) -> tuple[MaskedOperator, MaskedOperator]:
-        """(A, Ã) for the examples ``idx``; B is redrawn from ``generator`` unless fixed."""
-        b, (h, w) = len(idx), self.image_shape
+        """(A, Ã) for the examples ``idx[shard]``; B is redrawn from ``generator`` unless fixed.
+
+        B is drawn for every example of ``idx`` before ``shard`` is taken, so that every
+        data-parallel rank consumes the generator exactly as a single process would.
+        """
+        b, (h, w) = len(range(len(idx))[shard]), self.image_shape
         if self.mode != "ambient":
             identity = Identity(b, h, w, device)
             return identity, identity
         assert self.masks is not None
-        mask = self.masks[idx].to(device)
-        maps = self.maps[idx].to(device) if self.maps is not None else None
-        op = measurement_operator(self.kind, mask, h, maps)
+        mask = self.masks[idx]
         if self.further_masks is not None:
-            tilde = self.further_masks[idx].to(device)
+            tilde = self.further_masks[idx]
         else:
             tilde = _draw_further(self.kind, mask, self.delta, generator)
+        maps = self.maps[idx[shard]].to(device) if self.maps is not None else None
+        mask, tilde = mask[shard].to(device), tilde[shard].to(device)
+        op = measurement_operator(self.kind, mask, h, maps)
         return op, measurement_operator(self.kind, tilde, h, maps)
 
 
@@ -184,6 +193,14 @@ class Trainer:
 
     The generator, weights, EMA and optimizer state are all in :meth:`state_dict`, so a run
     resumed from a checkpoint continues exactly as if it had not been interrupted.
+
+    Data-parallel (``world_size`` > 1, inside an initialised ``torch.distributed`` process
+    group): the network is wrapped in DistributedDataParallel and every rank draws the whole
+    global batch of ``batch_size`` examples (indices, B, timesteps, noise) from the same seeded
+    generator, then trains on its own contiguous ``batch_size / world_size`` of them. The
+    gradient DDP averages is then the single-process gradient of the same global batch (the
+    loss is a mean over examples), so a run depends on the seed and not on how many processes
+    share it, up to floating-point summation order.
     """
 
     def __init__(
@@ -196,16 +213,27 @@ class Trainer:
         ema_decay: float,
         seed: int,
         device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} ranks")
         self.device = torch.device(device)
-        self.net = net.to(self.device)
+        self.module = net.to(self.device)
+        self.net: nn.Module = self.module
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.module, device_ids=ids)
+        self.rank, self.world_size = rank, world_size
         self.objective = objective
         self.data = data
         self.batch_size = batch_size
         self.num_timesteps = int(objective.alphas_cumprod.shape[0])
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
         self.ema = AveragedModel(
-            self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
+            self.module, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
         )
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
@@ -216,41 +244,51 @@ class Trainer:
         return nullcontext()
 
     def train_step(self) -> float:
-        """One optimisation step on a random batch; returns the loss."""
+        """One optimisation step on a random batch; returns the loss (of the global batch,
+        averaged over ranks)."""
+        local = self.batch_size // self.world_size
+        shard = slice(self.rank * local, (self.rank + 1) * local)
         idx = torch.randint(len(self.data), (self.batch_size,), generator=self.generator)
-        op, op_tilde = self.data.operators(idx, self.generator, self.device)
-        y = self.data.targets[idx].to(self.device)
-        t = self.objective.sample_timesteps(self.batch_size, self.generator)
+        op, op_tilde = self.data.operators(idx, self.generator, self.device, shard)
+        y = self.data.targets[idx[shard]].to(self.device)
+        t = self.objective.sample_timesteps(self.batch_size, self.generator)[shard]
         shape = (self.batch_size, self.data.image_channels, *self.data.image_shape)
-        noise = torch.randn(shape, generator=self.generator).to(self.device)
+        noise = torch.randn(shape, generator=self.generator)[shard].to(self.device)
         self.net.train()
         with self._autocast():
             loss, _ = self.objective(self.net, y, op, op_tilde, t.to(self.device), noise)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}")
+        value = loss.detach().float()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world_size
+        if not math.isfinite(value.item()):
+            raise FloatingPointError(f"training loss became {value.item()} at step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.ema.update_parameters(self.net)
+        self.ema.update_parameters(self.module)
         self.step += 1
-        return float(loss.item())
+        return float(value.item())
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "model": self.net.state_dict(),
+            "model": self.module.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.net.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
 
-    def ema_weights(self) -> dict[str, torch.Tensor]:
-        """The EMA network's weights, as used for sampling and evaluation."""
-        return {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
+
+def ema_weights(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The EMA network's weights (as used for sampling and evaluation) from a
+    :meth:`Trainer.state_dict`: ``AveragedModel`` keeps them under ``module.``."""
+    prefix = "module."
+    return {k[len(prefix) :]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}

@@ -61,7 +61,7 @@ def _zero_filled(measurements_path: Path, kind: str, split: str) -> np.ndarray:
     return data.targets.square().sum(dim=1).sqrt().numpy()
 
 
-def _canary_rows(
+def canary_rows(
     attrs: dict[str, Any],
     samples: np.ndarray,
     holdout: np.ndarray,
@@ -170,11 +170,11 @@ def run(
         "n_train": int(len(train)),
     } | result.summary(quantile)
     rows = result.control_rows()
-    canary_rows = _canary_rows(store.attrs, samples, holdout, params, cfg["cohort"]["train_mode"])
-    if canary_rows:
-        summary["canary_exposure_max"] = max(r["exposure"] for r in canary_rows)
-        summary["canary_reference_exposure_max"] = max(r["reference_exposure"] for r in canary_rows)
-    payload = summary | {"controls": rows, "canaries": canary_rows}
+    canaries = canary_rows(store.attrs, samples, holdout, params, cfg["cohort"]["train_mode"])
+    if canaries:
+        summary["canary_exposure_max"] = max(r["exposure"] for r in canaries)
+        summary["canary_reference_exposure_max"] = max(r["reference_exposure"] for r in canaries)
+    payload = summary | {"controls": rows, "canaries": canaries}
     with atomic_path(memorization_out) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     if table_out is not None:

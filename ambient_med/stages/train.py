@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,12 @@ from ambient_med.config import config_hash
 from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.diffusion.model import build_ddim, build_ddpm, build_denoiser
 from ambient_med.diffusion.samplers import sample_prior
-from ambient_med.diffusion.training import Trainer, TrainingSet, inference_operator
+from ambient_med.diffusion.training import (
+    Trainer,
+    TrainingSet,
+    ema_weights,
+    inference_operator,
+)
 from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.figures import loss_curve
 from ambient_med.io.export import write_table
@@ -43,6 +51,40 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in a data-parallel run (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def writes(self) -> bool:
+        """Rank 0 alone writes checkpoints, logs and the model."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def join_process_group(device_name: str) -> ProcessGroup:
+    """The process group torchrun describes in the environment (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, rendezvous), joined with NCCL on CUDA and gloo on CPU; one process
+    otherwise."""
+    device = resolve_device(device_name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return ProcessGroup(device=device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ProcessGroup(torch.distributed.get_rank(), world_size, device)
 
 
 def load_training_set(cfg: dict[str, Any], input_path: Path) -> TrainingSet:
@@ -68,7 +110,9 @@ def training_seed(cfg: dict[str, Any]) -> int:
     return cfg["cohort"]["seed"] if seed is None else int(seed)
 
 
-def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) -> Trainer:
+def build_trainer(
+    cfg: dict[str, Any], data: TrainingSet, device: torch.device, group: ProcessGroup | None = None
+) -> Trainer:
     seed = training_seed(cfg)
     torch.manual_seed(seed)  # network initialisation
     net = build_denoiser(cfg["model"], data.image_channels, cfg["scheduler"])
@@ -80,6 +124,12 @@ def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) 
         sigma_data=cfg["model"]["sigma_data"],
     )
     train = cfg["train"]
+    group = group or ProcessGroup(device=device)
+    if train["batch_size"] % group.world_size:
+        raise AmbientMedError(
+            f"config key 'train.batch_size': {train['batch_size']} examples do not split evenly "
+            f"over {group.world_size} data-parallel processes"
+        )
     return Trainer(
         net,
         objective,
@@ -89,6 +139,8 @@ def build_trainer(cfg: dict[str, Any], data: TrainingSet, device: torch.device) 
         ema_decay=train["ema_decay"],
         seed=seed,
         device=device,
+        rank=group.rank,
+        world_size=group.world_size,
     )
 
 
@@ -99,9 +151,12 @@ def provenance(cfg: dict[str, Any], input_path: Path) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "absent"
+    # The number of data-parallel processes does not change what is computed (Trainer), so
+    # it is left out: a run resumes on another number of processes, e.g. fewer GPUs.
+    computed = {**cfg, "train": {k: v for k, v in cfg["train"].items() if k != "distributed"}}
     return {
         "versions": versions,
-        "config_sha256": config_hash(cfg),
+        "config_sha256": config_hash(computed),
         "inputs": {Path(input_path).name: sha256_file(input_path)},
     }
 
@@ -128,13 +183,40 @@ def run(
     loss_plot: Path | None = None,
     provenance_table: Path | None = None,
 ) -> None:
-    """Trains to ``train.steps``; ``stop_after`` ends early (tests of resumption)."""
+    """Trains to ``train.steps``; ``stop_after`` ends early (tests of resumption).
+
+    Under torchrun every process trains its share of each batch (:class:`Trainer`); rank 0
+    alone writes the checkpoint, the loss log, TensorBoard events and the model, and every
+    rank resumes from the same checkpoint.
+    """
     train_cfg = cfg["train"]
-    device = resolve_device(train_cfg["device"])
+    group = join_process_group(train_cfg["device"])
+    try:
+        data, prov = _train(cfg, group, input_path, model_out, checkpoint_dir, stop_after)
+        if group.writes and (stop_after is None or stop_after >= train_cfg["steps"]):
+            _finish(
+                cfg, data, prov, model_out, loss_out, checkpoint_dir, loss_plot, provenance_table
+            )
+        group.barrier()
+    finally:
+        if group.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    cfg: dict[str, Any],
+    group: ProcessGroup,
+    input_path: Path,
+    model_out: Path,
+    checkpoint_dir: Path,
+    stop_after: int | None,
+) -> tuple[TrainingSet, dict[str, Any]]:
+    """The optimisation loop; returns the training set and the run's provenance."""
+    train_cfg = cfg["train"]
     data = load_training_set(cfg, input_path)
     if len(data) == 0:
         raise AmbientMedError(f"input '{input_path}': no training slice")
-    trainer = build_trainer(cfg, data, device)
+    trainer = build_trainer(cfg, data, group.device, group)
     prov = provenance(cfg, input_path)
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -151,21 +233,25 @@ def run(
             log.info("resuming from step %d (%s)", trainer.step, checkpoint)
         else:
             log.info("checkpoint %s is from another config or input: starting over", checkpoint)
-            checkpoint.unlink()
-            loss_log.unlink(missing_ok=True)
-    _trim_loss_log(loss_log, trainer.step)
-    if not loss_log.exists():
-        with open(loss_log, "w", newline="") as handle:
-            csv.writer(handle).writerow(LOSS_COLUMNS)
+            group.barrier()  # every rank has read it before rank 0 removes it
+            if group.writes:
+                checkpoint.unlink()
+                loss_log.unlink(missing_ok=True)
+    if group.writes:
+        _trim_loss_log(loss_log, trainer.step)
+        if not loss_log.exists():
+            with open(loss_log, "w", newline="") as handle:
+                csv.writer(handle).writerow(LOSS_COLUMNS)
 
     total = train_cfg["steps"]
     log.info(
-        "training %s/%s on %d slices, %s, %d parameters",
+        "training %s/%s on %d slices, %s%s, %d parameters",
         cfg["cohort"]["train_mode"],
         data.kind,
         len(data),
-        device,
-        sum(p.numel() for p in trainer.net.parameters()),
+        group.device,
+        f" × {group.world_size} processes" if group.world_size > 1 else "",
+        sum(p.numel() for p in trainer.module.parameters()),
     )
     bar = tqdm(
         total=total,
@@ -173,34 +259,56 @@ def run(
         desc="train",
         file=sys.stderr,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,
+        disable=not group.writes,
     )
     start, first_step = time.perf_counter(), trainer.step
-    board = TensorBoardLog(Path(model_out).parent / "tb", cfg, data)
-    with open(loss_log, "a", newline="") as handle:
-        writer = csv.writer(handle)
+    board = TensorBoardLog(Path(model_out).parent / "tb", cfg, data) if group.writes else None
+    with open(loss_log, "a", newline="") if group.writes else nullcontext() as handle:
+        writer = csv.writer(handle) if handle is not None else None
         while trainer.step < total:
             loss = trainer.train_step()
-            writer.writerow((trainer.step, f"{loss:.6g}"))
-            board.loss(trainer.step, loss)
+            if writer is not None and board is not None:
+                writer.writerow((trainer.step, f"{loss:.6g}"))
+                board.loss(trainer.step, loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if trainer.step % train_cfg["checkpoint_every"] == 0 or trainer.step == total:
-                handle.flush()
-                save_torch(checkpoint, trainer.state_dict() | prov_keys(prov))
-                board.samples(trainer)
+                if handle is not None and board is not None:
+                    handle.flush()
+                    save_torch(checkpoint, trainer.state_dict() | prov_keys(prov))
+                    board.samples(trainer)
+                group.barrier()  # the checkpoint is on disk before any rank goes on
             if stop_after is not None and trainer.step >= stop_after:
-                bar.close()
-                board.close()
-                return
+                break
     bar.close()
-    board.close()
-    log.info("%.3f s per step", (time.perf_counter() - start) / max(1, total - first_step))
+    if board is not None:
+        board.close()
+    done = trainer.step - first_step
+    log.info("%.3f s per step", (time.perf_counter() - start) / max(1, done))
+    return data, prov
 
+
+def _finish(
+    cfg: dict[str, Any],
+    data: TrainingSet,
+    prov: dict[str, Any],
+    model_out: Path,
+    loss_out: Path,
+    checkpoint_dir: Path,
+    loss_plot: Path | None,
+    provenance_table: Path | None,
+) -> None:
+    """Writes the model file (EMA weights of the final checkpoint), the loss log, its plot and
+    the provenance table."""
+    train_cfg = cfg["train"]
+    loss_log = Path(checkpoint_dir) / "loss.csv"
+    state = load_torch(Path(checkpoint_dir) / "last.pt")
+    total = int(state["step"])
     kind = data.kind
     model = {
         "format": MODEL_FORMAT,
-        "state_dict": trainer.ema_weights(),
-        "steps": trainer.step,
+        "state_dict": ema_weights(state),
+        "steps": total,
         "mode": cfg["cohort"]["train_mode"],
         "kind": kind,
         "image_channels": data.image_channels,
@@ -233,7 +341,7 @@ def run(
     if provenance_table is not None:
         record = {f"version_{k}": v for k, v in prov["versions"].items()}
         record |= {f"input_sha256_{k}": v for k, v in prov["inputs"].items()}
-        record |= {"config_sha256": prov["config_sha256"], "steps": trainer.step}
+        record |= {"config_sha256": prov["config_sha256"], "steps": total}
         record |= {"mode": cfg["cohort"]["train_mode"], "kind": kind}
         write_table(provenance_table, record)
     log.info("done: %d steps, mean loss of the last 50 steps %.5f", total, final[-50:].mean())
