@@ -33,6 +33,9 @@ except AmbientMedError as exc:
 validate(config, "config/schema.yaml", set_default=True)
 
 COHORTS = sorted(config["cohorts"])
+POOLS = sorted(config["pools"])
+# (pool, member cohort) pairs: every pooled model is audited against each member's data.
+POOL_AUDITS = [(pool, c) for pool in POOLS for c in config["pools"][pool]["cohorts"]]
 ENV = "envs/ambient-med.yaml"
 
 
@@ -52,6 +55,7 @@ CORRUPTED = [
 
 wildcard_constraints:
     cohort="[A-Za-z0-9][A-Za-z0-9_-]*",
+    pool="[A-Za-z0-9][A-Za-z0-9_-]*",
     kind="pixel|kspace|native",
 
 
@@ -69,17 +73,28 @@ def cohort_input(wildcards):
     return settings["input"]
 
 
+def members(name):
+    """The cohorts behind a model: a pool's members, or the cohort itself."""
+    return config["pools"][name]["cohorts"] if name in config["pools"] else [name]
+
+
+def measurement_store(cohort):
+    return f"results/{cohort}/corrupt/{config['cohorts'][cohort]['corruption']}.h5"
+
+
 def measurements(wildcards):
-    """The measurement store the cohort's model is trained on."""
-    settings = config["cohorts"][wildcards.cohort]
-    return f"results/{wildcards.cohort}/corrupt/{settings['corruption']}.h5"
+    """The measurement store the cohort's model is trained on (a pool's first member's:
+    sampling takes coil maps from it)."""
+    return measurement_store(members(wildcards.cohort)[0])
 
 
 def train_input(wildcards):
-    """Corrupted measurements; only train_mode 'clean' reads the clean slice store."""
-    if config["cohorts"][wildcards.cohort]["train_mode"] == "clean":
-        return f"results/{wildcards.cohort}/ingest/slices.h5"
-    return measurements(wildcards)
+    """Corrupted measurements, one store per member for a pool; only train_mode 'clean'
+    reads clean slice stores."""
+    cohorts = members(wildcards.cohort)
+    if config["cohorts"][cohorts[0]]["train_mode"] == "clean":
+        return [f"results/{c}/ingest/slices.h5" for c in cohorts]
+    return [measurement_store(c) for c in cohorts]
 
 
 def corrupt_input(wildcards):
@@ -101,12 +116,14 @@ rule all:
         expand("results/{cohort}/eval/memorization.json", cohort=COHORTS),
         expand("results/{cohort}/reconstruct/metrics.json", cohort=COHORTS),
         expand("results/{cohort}/bundle", cohort=COHORTS),
+        expand("results/{pool}/sample/grid.png", pool=POOLS),
+        [f"results/{pool}/eval/{cohort}/memorization.json" for pool, cohort in POOL_AUDITS],
     localrule: True
 
 
 rule train:
     input:
-        expand("results/{cohort}/train/model.pt", cohort=COHORTS),
+        expand("results/{cohort}/train/model.pt", cohort=COHORTS + POOLS),
     localrule: True
 
 
@@ -347,6 +364,31 @@ rule audit:
         "--measurements {input.measurements} --memorization {output.memorization} "
         "--figure {output.figure} --table {output.table} "
         "--histogram {output.histogram} 2> {log}"
+
+
+rule pool_audit:
+    input:
+        samples="results/{pool}/sample/samples.nii.gz",
+        slices="results/{cohort}/ingest/slices.h5",
+        measurements=lambda wildcards: measurement_store(wildcards.cohort),
+    output:
+        memorization="results/{pool}/eval/{cohort}/memorization.json",
+        figure="results/{pool}/eval/{cohort}/closest_pairs.png",
+    log:
+        "results/{pool}/logs/audit_{cohort}.log",
+    benchmark:
+        "results/{pool}/benchmarks/audit_{cohort}.tsv"
+    conda:
+        ENV
+    threads: 8
+    params:
+        version=__version__,
+        cfg=lambda wildcards: stage_json(config, wildcards.cohort, "audit"),
+    shell:
+        "ambient-med audit --cohort {wildcards.cohort} --config-json {params.cfg:q} "
+        "--threads {threads} --samples {input.samples} --slices {input.slices} "
+        "--measurements {input.measurements} --memorization {output.memorization} "
+        "--figure {output.figure} 2> {log}"
 
 
 rule bundle:

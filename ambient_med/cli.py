@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input",
         type=Path,
+        nargs="+",
         required=True,
-        help="measurement store from corrupt (the slice store for train_mode: clean)",
+        help="measurement store from corrupt (the slice store for train_mode: clean); for a "
+        "pool, one per member cohort, in the pool's order",
     )
     p.add_argument("--model", type=Path, required=True, help="model file to write (.pt)")
     p.add_argument("--loss-log", type=Path, required=True, help="loss CSV to write")

@@ -26,7 +26,7 @@ SCHEMA_NAME = "config.schema.yaml"
 # Which config sections each stage depends on. Snakemake passes only these to a rule (as a
 # param), so editing, say, the sampler settings does not retrain the model.
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "demo_data": ("demo",),
+    "demo_data": ("demo", "corrupt"),
     "ingest": ("ingest",),
     "corrupt": ("corrupt",),
     "train": ("corrupt", "model", "scheduler", "train"),
@@ -36,6 +36,10 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "bundle": ("reconstruct",),
 }
+
+
+# What every member of a pool must share: one model learns one kind of measurement.
+POOLED_ALIKE = ("source", "corruption", "train_mode")
 
 
 def load_schema() -> dict[str, Any]:
@@ -96,10 +100,20 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
                 f"source {cohort['source']!r} (raw k-space trains on 'native', images on "
                 "'pixel' or 'kspace')"
             )
-        if raw and cohort["demo"]:
-            raise AmbientMedError(
-                f"config key 'cohorts.{name}.source': a demo cohort is made of images"
-            )
+    for name, pool in filled["pools"].items():
+        key = f"config key 'pools.{name}"
+        if name in filled["cohorts"]:
+            raise AmbientMedError(f"{key}': a cohort has this name (outputs share results/)")
+        for member in pool["cohorts"]:
+            if member not in filled["cohorts"]:
+                raise AmbientMedError(f"{key}.cohorts': no cohort named {member!r}")
+        for field in POOLED_ALIKE:
+            values = {filled["cohorts"][m][field] for m in pool["cohorts"]}
+            if len(values) > 1:
+                raise AmbientMedError(
+                    f"{key}.cohorts': members differ in {field} ({', '.join(sorted(values))}); "
+                    "one model trains on one kind of measurement"
+                )
     train = filled["train"]
     processes = train["distributed"]["nproc_per_node"] * train["distributed"]["nnodes"]
     if train["batch_size"] % processes:
@@ -129,9 +143,21 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return validate_config(data)
 
 
+def pool_settings(config: Mapping[str, Any], pool: str) -> dict[str, Any]:
+    """A pool as a cohort-shaped entry: its name and seed, the members' shared
+    :data:`POOLED_ALIKE` settings, and ``members``: each member cohort's own settings."""
+    entry = config["pools"][pool]
+    members = [cohort_settings(config, name) for name in entry["cohorts"]]
+    shared = {field: members[0][field] for field in POOLED_ALIKE}
+    return shared | {"name": pool, "seed": entry["seed"], "members": members}
+
+
 def cohort_settings(config: Mapping[str, Any], cohort: str) -> dict[str, Any]:
-    """The cohort's own entry, with its name and resolved input folder."""
+    """The cohort's own entry, with its name and resolved input folder (for a pool,
+    :func:`pool_settings`)."""
     cohorts = config["cohorts"]
+    if cohort in config.get("pools", {}):
+        return pool_settings(config, cohort)
     if cohort not in cohorts:
         raise AmbientMedError(f"config key 'cohorts.{cohort}': no such cohort")
     settings = dict(cohorts[cohort])

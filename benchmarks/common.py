@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: the result file of DESIGN.md §7."""
+"""Helpers shared by the benchmark scripts: the result file every benchmark writes."""
 
 from __future__ import annotations
 

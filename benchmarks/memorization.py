@@ -1,5 +1,5 @@
 """Does it copy its training scans? The seed experiment at small scale, swept over the
-training-set size (DESIGN.md §5, issue: memorization audit).
+training-set size (docs/audit.md, issue: memorization audit).
 
 Data: the demo cohort at 32x32 with planted canaries (``--canaries``: unique synthetic lesions
 in 1, 4 and 16 consecutive training slices, plus as many never-planted reference canaries),

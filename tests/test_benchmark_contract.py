@@ -1,9 +1,10 @@
-"""The reconstruction benchmark's short version writes the rows its contract promises."""
+"""The benchmarks' short versions write the rows their contracts promise."""
 
 import json
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO
 
 
@@ -39,3 +40,65 @@ def test_reconstruction_benchmark_short_run_writes_the_contract(tmp_path, monkey
     assert again == rows
     curve = json.loads((tmp_path / "out" / "reconstruction_curve.json").read_text())["rows"]
     assert {(r["train_mode"], r["step"]) for r in curve} >= {("ambient", 2), ("ambient", 4)}
+
+
+def _benchmark(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_memorization_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    memorization = _benchmark("memorization")
+    argv = ["--short", "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "out")]
+    argv += ["--sizes", "4", "0", "--steps", "4", "--curve-every", "2", "--samples", "8"]
+    argv += ["--seeds", "0", "1", "--all-seeds-up-to", "4", "--canaries", "1", "2"]
+    argv += ["--threads", "1"]
+    rows = json.loads(memorization.main(argv).read_text())["rows"]
+    models = [r for r in rows if r["kind"] == "model"]
+    keys = {"kind", "train_mode", "corruption", "b_redraw", "n_train", "steps", "seed"}
+    keys |= {"n_samples", "threshold", "frac_above", "q50", "q95", "q99", "psnr_r4"}
+    assert all(set(r) == keys for r in models)
+    # Both seeds at the smallest size, the first seed at "all"; every variant each time.
+    sizes = sorted({r["n_train"] for r in models})
+    assert sizes[0] == 4 and len(sizes) == 2
+    assert {(r["n_train"], r["seed"]) for r in models} == {(4, 0), (4, 1), (sizes[1], 0)}
+    curve = {
+        (r["n_train"], r["train_mode"], r["seed"], r["step"]) for r in rows if r["kind"] == "curve"
+    }
+    assert (4, "ambient", 1, 2) in curve and (4, "ambient", 1, 4) in curve
+    controls = [r for r in rows if r["kind"] == "control"]
+    assert {r["control"] for r in controls} >= {"exact", "shift1", "shift2", "noise", "blur"}
+    assert {r["n_train"] for r in controls} == set(sizes)
+    exact = [r for r in controls if r["control"] == "exact"]
+    assert all(r["flagged_fraction"] == 1.0 for r in exact)  # a training copy is always caught
+    canaries = [r for r in rows if r["kind"] == "canary"]
+    assert {"exposure", "reference_exposure", "repeats", "repeats_in_training"} <= set(canaries[0])
+    # With every training slice, every planted canary is in the training set as planted.
+    assert all(
+        r["repeats_in_training"] == r["repeats"] for r in canaries if r["n_train"] == sizes[1]
+    )
+    # Resumable: a second run trains nothing new and reproduces the same rows.
+    assert json.loads(memorization.main(argv).read_text())["rows"] == rows
+    assert (tmp_path / "out" / "memorization_curve.png").stat().st_size > 0
+
+
+def test_training_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    training = _benchmark("training")
+    argv = ["--short", "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "out")]
+    argv += ["--steps", "1", "--repeats", "1", "--ddp-steps", "2", "--threads", "1"]
+    rows = json.loads(training.main(argv).read_text())["rows"]
+    ratios = {r["mode"]: r for r in rows if r["what"] == "step_ratio"}
+    assert set(ratios) == {"ambient/kspace", "ambient/pixel", "naive/kspace", "clean/kspace"}
+    for row in ratios.values():
+        expected = row["seconds_per_step"] / row["monai_seconds_per_step"]
+        assert row["ratio"] == pytest.approx(expected, rel=0.01)
+    ddp = {r["world_size"]: r for r in rows if r["what"] == "ddp"}
+    assert set(ddp) == {1, 2} and ddp[1]["efficiency"] == 1.0
+    assert ddp[2]["efficiency"] == pytest.approx(
+        ddp[1]["seconds_per_step"] / (2 * ddp[2]["seconds_per_step"]), rel=0.01
+    )

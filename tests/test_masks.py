@@ -81,7 +81,7 @@ def test_acs_lines_is_the_contiguous_centre_run():
 
 @pytest.mark.parametrize(("acceleration", "kept"), [(2, 106), (4, 64), (6, 45), (8, 35)])
 def test_further_corruption_reproduces_the_published_line_counts(acceleration, kept):
-    # DESIGN.md §3.1: 320 columns, floor(320 / R) lines observed by A.
+    # docs/method.md: 320 columns, floor(320 / R) lines observed by A.
     observed = torch.tensor([320 // acceleration])
     assert int(further_line_count(320, observed)) == kept
 

@@ -1,4 +1,4 @@
-"""The sanity signal of DESIGN.md §3.6: full-image x0-prediction error on clean hold-out data.
+"""The sanity signal of docs/method.md: full-image x0-prediction error on clean hold-out data.
 
 An evaluation only — never a training input. Not comparable across modes: the ambient
 denoiser sees Ã x_t, the baselines all of x_t.

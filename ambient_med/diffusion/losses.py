@@ -1,4 +1,4 @@
-"""The ambient objective (DESIGN.md §3) — one class for `ambient`, `naive` and `clean`.
+"""The ambient objective (docs/method.md) — one class for `ambient`, `naive` and `clean`.
 
 The three modes differ only in what they hand to :class:`AmbientObjective`:
 

@@ -150,7 +150,7 @@ def build_denoiser(
 
 
 def build_ddpm(scheduler_cfg: Mapping[str, Any]) -> DDPMScheduler:
-    """Training schedule: x0-prediction ("sample"), no clipping (DESIGN.md §3.3)."""
+    """Training schedule: x0-prediction ("sample"), no clipping (docs/method.md)."""
     return DDPMScheduler(
         num_train_timesteps=int(scheduler_cfg["num_train_timesteps"]),
         schedule=scheduler_cfg["schedule"],

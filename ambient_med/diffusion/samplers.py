@@ -1,4 +1,4 @@
-"""Samplers over a trained x0-predicting denoiser (DESIGN.md §4)."""
+"""Samplers over a trained x0-predicting denoiser (docs/samplers.md)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def posterior_sample(
 ) -> torch.Tensor:
     """Reconstructs images from measurements y = A x with the diffusion model as prior.
 
-    ``method="dps"`` (Ambient DPS, DESIGN.md §4): after each DDIM step,
+    ``method="dps"`` (Ambient DPS, docs/samplers.md): after each DDIM step,
     ``x_{t-1} -= ζ ∇_{x_t} ‖y − A x̂0‖² / ‖y − A x̂0‖``, the gradient taken through the
     network. ``method="dc"``: no gradient through the network; x̂0 is replaced by its
     data-consistent version (measured entries from y) before each DDIM update.
@@ -100,7 +100,7 @@ def posterior_sample(
                 z = inference.A_adjoint(inference.A(x_t))
                 x0_hat = net(z, inference.mask_image(), t_batch).float()
                 norm = _residual_norm(op, x0_hat, measurements)
-                # ∇‖r‖² / ‖r‖, with the denominator held fixed (DESIGN.md §4).
+                # ∇‖r‖² / ‖r‖, with the denominator held fixed (docs/samplers.md).
                 objective = (norm.square() / norm.detach().clamp(min=1e-12)).sum()
                 grad = torch.autograd.grad(objective, x_t)[0]
             with torch.no_grad():

@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ambient_med.diffusion.losses import AmbientObjective
+from ambient_med.errors import AmbientMedError
 from ambient_med.physics.masks import (
     LineMaskFunc,
     derive_seed,
@@ -51,7 +52,7 @@ def measurement_operator(
 
 @dataclass
 class TrainingSet:
-    """Training examples of one mode (DESIGN.md §3.1–3.5).
+    """Training examples of one mode (docs/method.md).
 
     Attributes:
         targets: what the loss compares A x̂0 with: measurements y (ambient), the zero-filled
@@ -129,6 +130,35 @@ class TrainingSet:
         return op, measurement_operator(self.kind, tilde, h, maps)
 
 
+def concatenate(parts: list[TrainingSet], names: list[str]) -> TrainingSet:
+    """One training set from several cohorts' sets of the same mode and kind (a pool).
+
+    Raises:
+        AmbientMedError: when the parts cannot share a batch (image size, coil count), naming
+            the first part that differs (``names``: one label per part).
+    """
+    first = parts[0]
+    for part, name in zip(parts[1:], names[1:], strict=True):
+        if part.targets.shape[1:] != first.targets.shape[1:]:
+            raise AmbientMedError(
+                f"pooled store '{name}': examples of shape {tuple(part.targets.shape[1:])}, "
+                f"'{names[0]}' has {tuple(first.targets.shape[1:])} (coil counts or image sizes "
+                "differ)"
+            )
+
+    def join(field: str) -> torch.Tensor | None:
+        values = [getattr(p, field) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return replace(
+        first,
+        targets=join("targets"),
+        masks=join("masks"),
+        further_masks=join("further_masks"),
+        maps=join("maps"),
+    )
+
+
 def _draw_further(
     kind: str, mask: torch.Tensor, delta: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -156,7 +186,7 @@ def inference_operator(
     seed: int,
     maps: torch.Tensor | None = None,
 ) -> MaskedOperator:
-    """Ã_inf of the training kind (DESIGN.md §4); the identity for `clean` and `naive`.
+    """Ã_inf of the training kind (docs/samplers.md); the identity for `clean` and `naive`.
 
     ``meta`` holds ``mode``, ``kind``, ``delta``, the ``corrupt`` config section used at
     training time and, for native data, ``native_line_mask`` (an acquired mask of the

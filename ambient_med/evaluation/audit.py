@@ -1,4 +1,4 @@
-"""Memorization audit (DESIGN.md §5): how close does each generated image come to a training
+"""Memorization audit (docs/audit.md): how close does each generated image come to a training
 image, and would the audit notice a copy?
 
 **Copy statistic.** Whole-image NCC of foreground-masked magnitudes (:func:`nearest_ncc`, kept

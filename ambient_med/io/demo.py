@@ -371,6 +371,52 @@ def write_demo_cohort(
     return written
 
 
+def write_demo_raw_cohort(
+    out_dir: Path,
+    subjects: int,
+    voxel_mm: float,
+    seed: int,
+    contrast: str = "t1w",
+    coils: int = 4,
+    acceleration: float = 4,
+    center_fraction: float = 0.08,
+    min_foreground: float = 0.15,
+) -> list[tuple[str, str]]:
+    """Writes the demo subjects as a scanner would have stored an undersampled acquisition:
+    one fastMRI-style file per subject (``scan_SS.h5``), multi-coil k-space of its axial
+    slices with their smooth phase, acquired on one equispaced line mask per file (the
+    ``mask`` dataset) and zero elsewhere. No image of the subject is written.
+
+    Slices whose head covers less than ``min_foreground`` of the plane are left out, as a
+    protocol's slab would. Written atomically, like :func:`write_demo_cohort`.
+    """
+    from ambient_med.physics.masks import LineMaskFunc
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.part")
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tissues, _ = load_template(voxel_mm)
+    masks = LineMaskFunc([center_fraction], [acceleration], "equispaced")
+    written = []
+    for subject in range(subjects):
+        kind = subject_contrast(contrast, seed, subject)
+        volume = pseudo_subject(tissues, seed + subject, voxel_mm, kind)
+        axial = np.moveaxis(volume, 2, 0).astype(np.float32)  # (slices, x, y)
+        covered = (axial > 0.1 * axial.max()).mean(axis=(1, 2))
+        axial = axial[covered >= min_foreground]
+        kspace = simulate_multicoil_kspace(axial, coils, derive_seed(seed, "raw-demo", subject))
+        line_mask = masks(kspace.shape[-1], derive_seed(seed, "raw-demo-mask", subject))
+        name = f"scan_{subject:02d}.h5"
+        write_fastmri(tmp / name, kspace, line_mask)
+        written.append((name, "fastmri"))
+    if out_dir.exists():
+        _rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return written
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 

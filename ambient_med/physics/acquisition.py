@@ -1,4 +1,4 @@
-"""The simulated acquisition every retrospective experiment shares (DESIGN.md §6).
+"""The simulated acquisition every retrospective experiment shares (docs/method.md).
 
 magnitude slice × smooth phase (seeded per cohort seed and subject) × coil maps → centred
 orthonormal 2-D FFT → phase-encode line mask → complex Gaussian noise.

@@ -1,5 +1,5 @@
 """Sampling masks: 1-D Cartesian phase-encode line masks, pixel masks, and the further
-corruption B of ambient training (DESIGN.md §3.1).
+corruption B of ambient training (docs/method.md).
 
 Every mask is a pure function of an integer seed, and seeds are derived from names with
 :func:`derive_seed`, so that a mask depends only on (cohort seed, subject, slice) and reruns
@@ -104,7 +104,7 @@ def further_line_count(num_cols: int, num_observed: torch.Tensor) -> torch.Tenso
 
     Ã samples at acceleration R + 1 where A samples at R = W / n, i.e. it keeps
     ``floor(W n / (W + n))`` lines: 106, 64, 45, 35 of 320 columns for R = 2, 4, 6, 8, the
-    published arithmetic of DESIGN.md §3.1.
+    published arithmetic of docs/method.md
     """
     return torch.div(num_cols * num_observed, num_cols + num_observed, rounding_mode="floor")
 

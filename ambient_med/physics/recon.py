@@ -1,4 +1,4 @@
-"""Classical reconstructions, the baselines of DESIGN.md §5: zero-filled and L1-wavelet CS."""
+"""Classical reconstructions, the baselines of docs/samplers.md: zero-filled and L1-wavelet CS."""
 
 from __future__ import annotations
 

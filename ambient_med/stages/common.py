@@ -62,7 +62,7 @@ def clean_images(store: SliceStore, rows: np.ndarray, kind: str, seed: int) -> t
 
     Pixel mode: the real magnitudes (1 channel). K-space kinds: the complex images the
     simulated acquisition starts from — magnitude × the subject's smooth phase — so clean
-    models, evaluations and measurements all see the same objects (DESIGN.md §6).
+    models, evaluations and measurements all see the same objects (docs/method.md).
     """
     images = store.images[rows]
     if kind == "pixel":
@@ -80,7 +80,7 @@ def load_examples(
     seed: int,
     cohort: str = "",
 ) -> TrainingSet:
-    """The ``split`` rows of a store as a training mode sees them (DESIGN.md §3.5).
+    """The ``split`` rows of a store as a training mode sees them (docs/method.md).
 
     ``clean`` reads the slice store (clean images); every other mode reads the measurement
     store of ``kind`` and never a clean image.

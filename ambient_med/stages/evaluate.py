@@ -5,7 +5,7 @@ Keys:
     holdout_slices: clean hold-out slices used (evenly spaced, at most evaluate.max_slices);
         0 when the cohort has no clean image (undersampled raw k-space).
     x0_mse_t{t}: mean squared error of the x0-prediction per image entry at noise level t
-        (DESIGN.md §3.6; the ambient model sees Ã_inf x_t, the baselines all of x_t).
+        (docs/method.md; the ambient model sees Ã_inf x_t, the baselines all of x_t).
     x0_nrmse_t{t}: sqrt(x0_mse / mean(x0²)).
     holdout_measured: hold-out examples of the measurement store used.
     heldout_observed_mse_t{t}: the training objective on hold-out measurements (error on

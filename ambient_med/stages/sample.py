@@ -1,4 +1,4 @@
-"""Rule `sample`: prior samples with the fixed-mask sampler (DESIGN.md §4) → NIfTI + PNG grid."""
+"""Rule `sample`: prior samples with the fixed-mask sampler (docs/samplers.md) → NIfTI + PNG."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,6 +31,7 @@ from ambient_med.diffusion.samplers import sample_prior
 from ambient_med.diffusion.training import (
     Trainer,
     TrainingSet,
+    concatenate,
     ema_weights,
     inference_operator,
 )
@@ -87,19 +89,30 @@ def join_process_group(device_name: str) -> ProcessGroup:
     return ProcessGroup(torch.distributed.get_rank(), world_size, device)
 
 
-def load_training_set(cfg: dict[str, Any], input_path: Path) -> TrainingSet:
-    """The training split as the configured mode sees it (DESIGN.md §3.5)."""
+def load_training_set(cfg: dict[str, Any], input_path: Path | Sequence[Path]) -> TrainingSet:
+    """The training split as the configured mode sees it (docs/method.md); for a pool, every
+    member's store (``input_path``, one per member in order), each with its own seed."""
     cohort = cfg["cohort"]
-    return load_examples(
-        input_path,
-        mode=cohort["train_mode"],
-        kind=cohort["corruption"],
-        split="train",
-        delta=cfg["train"]["delta"],
-        b_redraw=cfg["train"]["b_redraw"],
-        seed=cohort["seed"],
-        cohort=cohort["name"],
-    )
+    paths = [Path(input_path)] if isinstance(input_path, str | Path) else list(input_path)
+    members = cohort.get("members") or [cohort]
+    if len(paths) != len(members):
+        raise AmbientMedError(
+            f"cohort '{cohort['name']}': {len(paths)} input store(s) for {len(members)} cohort(s)"
+        )
+    parts = [
+        load_examples(
+            path,
+            mode=cohort["train_mode"],
+            kind=cohort["corruption"],
+            split="train",
+            delta=cfg["train"]["delta"],
+            b_redraw=cfg["train"]["b_redraw"],
+            seed=member["seed"],
+            cohort=member["name"],
+        )
+        for path, member in zip(paths, members, strict=True)
+    ]
+    return parts[0] if len(parts) == 1 else concatenate(parts, [str(p) for p in paths])
 
 
 def training_seed(cfg: dict[str, Any]) -> int:
@@ -144,7 +157,7 @@ def build_trainer(
     )
 
 
-def provenance(cfg: dict[str, Any], input_path: Path) -> dict[str, Any]:
+def provenance(cfg: dict[str, Any], input_path: Path | Sequence[Path]) -> dict[str, Any]:
     versions = {"ambient_med": __version__}
     for package in ("torch", "monai", "numpy", "nibabel", "pydicom", "h5py"):
         try:
@@ -157,7 +170,21 @@ def provenance(cfg: dict[str, Any], input_path: Path) -> dict[str, Any]:
     return {
         "versions": versions,
         "config_sha256": config_hash(computed),
-        "inputs": {Path(input_path).name: sha256_file(input_path)},
+        "inputs": input_hashes(cfg, input_path),
+    }
+
+
+def input_hashes(cfg: dict[str, Any], input_path: Path | Sequence[Path]) -> dict[str, str]:
+    """SHA-256 of each input store, named by file (``cohort/file`` for a pool's members,
+    whose stores share file names)."""
+    if isinstance(input_path, str | Path):
+        return {Path(input_path).name: sha256_file(input_path)}
+    members = [m["name"] for m in cfg["cohort"].get("members", [])]
+    if len(members) != len(input_path):
+        return {Path(p).name: sha256_file(p) for p in input_path}
+    return {
+        f"{member}/{Path(p).name}": sha256_file(p)
+        for member, p in zip(members, input_path, strict=True)
     }
 
 
