@@ -31,7 +31,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "corrupt": ("corrupt",),
     "train": ("corrupt", "model", "scheduler", "train"),
     "sample": ("sample",),
-    "reconstruct": ("reconstruct",),
+    "reconstruct": ("reconstruct", "ingest"),
     "audit": ("audit",),
     "evaluate": ("evaluate",),
     "bundle": ("reconstruct",),

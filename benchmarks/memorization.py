@@ -355,7 +355,10 @@ def main(argv: list[str] | None = None) -> Path:
                         )
                         summary = result.summary(audit_cfg["quantile"])
                         if not curve_done:
-                            shown = {k: round(summary[k], 4) for k in ("frac_above", "q50", "q99")}
+                            shown = {
+                                k: round(summary[k], 4)
+                                for k in ("threshold", "frac_above", "q50", "q99")
+                            }
                             record({"kind": "curve", "step": step} | ident | shown)
                     logging.info("%s: %.1f %% above", name, 100 * summary["frac_above"])
                     if not any(r["kind"] == "control" and r["n_train_arg"] == n_arg for r in rows):

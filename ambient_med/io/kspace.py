@@ -8,6 +8,7 @@ it is inferred from the data (a line is acquired when any sample of it is non-ze
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import h5py
 import numpy as np
 
 from ambient_med.errors import AmbientMedError
+
+log = logging.getLogger(__name__)
 
 RAW_SUFFIXES = (".h5", ".hdf5", ".mrd")
 
@@ -213,14 +216,20 @@ def fit_kspace(
 
 
 def calibrate(
-    kspace: np.ndarray, line_mask: np.ndarray, crop: float, name: str
+    kspace: np.ndarray,
+    line_mask: np.ndarray,
+    crop: float,
+    name: str,
+    percentile: float = 99.5,
+    band: float = 0.08,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Coil maps, scaled k-space and — for fully sampled data only — magnitude images.
 
-    Maps are ESPIRiT's from the ACS lines of each slice (ones for single-coil data). Scaling
-    convention, the same at training and at reconstruction: k-space is divided by the 99th
-    percentile of the ACS-only SENSE-combined image magnitude of the whole acquisition, which
-    needs nothing beyond what was acquired.
+    Maps are ESPIRiT's from the ACS lines of each slice (ones for single-coil data). Scaling:
+    the convention of image volumes (:func:`~ambient_med.io.slicing.intensity_scale`), measured
+    on the SENSE-combined image of the central ``band`` of k-space columns, which every
+    acquisition with that many calibration lines holds. Where a slice's calibration lines are
+    narrower than the band, the lines it has are used (and a warning says so).
 
     Args:
         kspace: ``(slices, coils, H, W)`` complex; line_mask: ``(slices, W)``.
@@ -231,6 +240,7 @@ def calibrate(
     """
     import torch
 
+    from ambient_med.io.slicing import band_columns, robust_scale
     from ambient_med.physics.coils import espirit_maps
     from ambient_med.physics.masks import acs_lines
     from ambient_med.physics.operators import MultiCoilSense
@@ -243,15 +253,22 @@ def calibrate(
             maps = np.stack([espirit_maps(kspace[s], line_mask[s], crop) for s in range(slices)])
         except AmbientMedError as exc:
             raise AmbientMedError(f"'{name}': {exc}") from None
-    acs = acs_lines(torch.from_numpy(line_mask))
+    wanted = torch.from_numpy(band_columns(kspace.shape[-1], band))
+    central = acs_lines(torch.from_numpy(line_mask)) & wanted
+    if (central.sum(-1) < wanted.sum()).any():
+        log.warning(
+            "'%s': calibration lines narrower than ingest.intensity_band (%d of %d central "
+            "columns): its intensity scale is measured on fewer",
+            name,
+            int(central.sum(-1).min()),
+            int(wanted.sum()),
+        )
     maps_t = torch.from_numpy(maps)
     measured = torch.view_as_real(torch.from_numpy(kspace))
-    magnitude = MultiCoilSense(acs, maps_t).A_adjoint(measured).square().sum(1).sqrt()
-    # A strided subset keeps torch.quantile within its input-size limit on large volumes.
-    sample = magnitude.flatten()[:: max(1, magnitude.numel() // 100000)]
-    scale = float(torch.quantile(sample, 0.99))
-    if scale <= 0:
-        raise AmbientMedError(f"'{name}': the ACS lines hold no signal")
+    magnitude = MultiCoilSense(central, maps_t).A_adjoint(measured).square().sum(1).sqrt()
+    scale = robust_scale(magnitude.numpy(), percentile)
+    if not scale > 0:
+        raise AmbientMedError(f"'{name}': the central k-space lines hold no signal")
     images = None
     if bool(line_mask.all()):
         full = MultiCoilSense(torch.from_numpy(line_mask), maps_t).A_adjoint(measured / scale)

@@ -21,18 +21,53 @@ def robust_scale(volume: np.ndarray, percentile: float) -> float:
     return float(np.percentile(foreground, percentile))
 
 
+def band_columns(width: int, band: float) -> np.ndarray:
+    """``(width,)`` bool: the central ``round(band · width)`` k-space columns (at least one),
+    the DC column at ``width // 2`` as in the centred FFT."""
+    count = max(1, int(round(band * width)))
+    columns = np.zeros(width, dtype=bool)
+    start = width // 2 - count // 2
+    columns[start : start + count] = True
+    return columns
+
+
+def band_image(images: np.ndarray, band: float) -> np.ndarray:
+    """``|images|`` low-passed to the central ``band`` of phase-encode (last-axis) k-space
+    columns: what an acquisition's central lines alone show. ``(..., H, W)`` real or complex."""
+    kspace = np.fft.fftshift(np.fft.fft(np.fft.ifftshift(images, axes=-1), axis=-1), axes=-1)
+    kspace[..., ~band_columns(images.shape[-1], band)] = 0
+    return np.abs(np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(kspace, axes=-1), axis=-1), axes=-1))
+
+
+def intensity_scale(images: np.ndarray, percentile: float, band: float) -> float:
+    """The one intensity convention of everything that reaches the network: a volume is
+    divided by the ``percentile`` of the foreground of its :func:`band_image` — the image of
+    its central ``band`` of k-space columns (``ingest.intensity_band``).
+
+    Image volumes (DICOM, NIfTI) and raw k-space files of the same scan get the same number:
+    an undersampled acquisition holds those central lines too (its auto-calibration lines), so
+    the scale never needs a full image — and a fully sampled image is not scaled by a
+    statistic that an undersampled scan of it could not reproduce.
+
+    Args:
+        images: ``(S, H, W)`` slices of one volume, real magnitudes or complex.
+    """
+    return robust_scale(band_image(np.asarray(images), band), percentile)
+
+
 def axial_slices(
     volume: np.ndarray,
     affine: np.ndarray,
     image_size: int,
     percentile: float,
     min_foreground_fraction: float,
+    band: float = 0.08,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised axial slices of a canonical (RAS) volume.
 
     Each axial plane ``volume[:, :, k]`` (X = right, Y = anterior) is zero-padded to a centred
     square and resized to ``image_size`` with an anti-aliased bilinear filter; the resized
-    volume is divided by :func:`robust_scale`; planes whose foreground (> 0.1 after scaling)
+    volume is divided by :func:`intensity_scale`; planes whose foreground (> 0.1 after scaling)
     covers less than ``min_foreground_fraction`` of the square are dropped.
 
     Args:
@@ -60,7 +95,7 @@ def axial_slices(
     )[:, 0].numpy()
     # Normalise on the resized volume: the same intensities as before resizing up to the
     # filter, at a fraction of the cost of a percentile over every source voxel.
-    scale = robust_scale(resized, percentile)
+    scale = intensity_scale(resized, percentile, band)
     if scale > 0:
         resized = resized / scale
     foreground = (resized > 0.1).mean(axis=(1, 2))

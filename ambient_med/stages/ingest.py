@@ -336,7 +336,12 @@ def run(
     for v, volume in enumerate(volumes):
         if volume.kspace is not None:
             maps, kspace, images = calibrate(
-                volume.kspace, volume.line_mask, ingest["espirit_crop"], volume.files[0].name
+                volume.kspace,
+                volume.line_mask,
+                ingest["espirit_crop"],
+                volume.files[0].name,
+                ingest["intensity_percentile"],
+                ingest["intensity_band"],
             )
             n = kspace.shape[0]
             raw_rows["kspace"].append(kspace)
@@ -359,6 +364,7 @@ def run(
             size,
             ingest["intensity_percentile"],
             ingest["min_foreground_fraction"],
+            ingest["intensity_band"],
         )
         affines.append(grid_affine)
         image_rows["images"].append(slices)

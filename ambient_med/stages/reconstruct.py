@@ -265,7 +265,15 @@ def reconstruct_new_files(
     for number, path in enumerate(files):
         raw = read_raw(path, 10**10)
         kspace, lines = fit_kspace(raw.kspace, raw.line_mask, size)
-        maps, kspace, _ = calibrate(kspace, lines, 0.0, path.name)
+        ingest = cfg["ingest"]
+        maps, kspace, _ = calibrate(
+            kspace,
+            lines,
+            0.0,
+            path.name,
+            ingest["intensity_percentile"],
+            ingest["intensity_band"],
+        )
         op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
         y = torch.view_as_real(torch.from_numpy(kspace)).float()
         results = {"zero_filled": magnitude(op.A_adjoint(y))}
