@@ -189,41 +189,42 @@ def add_measurement_noise(
 
 
 def data_consistent(
-    op: MaskedOperator, image: torch.Tensor, measurements: torch.Tensor, iterations: int = 10
+    op: MaskedOperator,
+    image: torch.Tensor,
+    measurements: torch.Tensor,
+    iterations: int = 10,
+    damping: float = 1e-2,
 ) -> torch.Tensor:
     """The image closest to ``image`` that agrees with the measurements.
 
     For masked orthonormal operators this is exact: keep ``image`` where nothing was measured
-    and the measurements where they were (``x + A^H (y - A x)``). For SENSE, a few conjugate
-    gradient steps on ``min ‖z - x‖² s.t. A z = y`` via its normal equations ``A A^H λ = r``.
+    and the measurements where they were (``x + A^H (y - A x)``). For SENSE the measurements
+    need not lie in A's range (estimated coil maps), so "agrees" is in the least-squares sense:
+    z = x + δ with δ from conjugate gradients on ``(A^H A + damping·I) δ = A^H (y − A x)``
+    (CG-SENSE), which leaves ``image`` untouched where A sees nothing and lands at least as
+    close to the measurements as A^H y does.
     """
     residual = measurements - op.A(image)
     if op.orthonormal:
         return image + op.A_adjoint(residual)
-    # CG on (A A^H) λ = r, then z = x + A^H λ. A A^H is singular for SENSE and float32 CG
-    # loses orthogonality once converged, so stop at a tiny residual or when it starts to
-    # grow again, and keep the best iterate.
-    lam = torch.zeros_like(residual)
-    best = lam
-    r = residual.clone()
+    rhs = op.A_adjoint(residual)
+    delta = torch.zeros_like(rhs)
+    r = rhs.clone()
     p = r.clone()
     rs = (r * r).flatten(1).sum(1)
-    best_rs = rs.sum()
-    tolerance = 1e-10 * best_rs
+    tolerance = 1e-12 * rs.clamp(min=1e-30)
     shape = (-1, *([1] * (p.ndim - 1)))
     for _ in range(iterations):
-        ap = op.A(op.A_adjoint(p))
-        alpha = rs / (p * ap).flatten(1).sum(1).clamp(min=1e-20)
-        lam = lam + alpha.view(shape) * p
+        ap = op.A_adjoint(op.A(p)) + damping * p
+        alpha = rs / (p * ap).flatten(1).sum(1).clamp(min=1e-30)
+        delta = delta + alpha.view(shape) * p
         r = r - alpha.view(shape) * ap
         rs_new = (r * r).flatten(1).sum(1)
-        if rs_new.sum() < best_rs:
-            best, best_rs = lam, rs_new.sum()
-        if best_rs <= tolerance or rs_new.sum() > 4 * best_rs:
+        if bool((rs_new <= tolerance).all()):
             break
-        p = r + (rs_new / rs.clamp(min=1e-20)).view(shape) * p
+        p = r + (rs_new / rs.clamp(min=1e-30)).view(shape) * p
         rs = rs_new
-    return image + op.A_adjoint(best)
+    return image + delta
 
 
 class RealImage(MaskedOperator):

@@ -107,17 +107,21 @@ def network_operator_factory(
     return training_style, choice == "fresh"
 
 
-def _diffusion(net, meta, rc, op, y, seed, sampler) -> tuple[np.ndarray, np.ndarray | None]:
+def _diffusion(
+    net, meta, rc, op, y, seed, sampler
+) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor]:
     """Magnitude reconstructions of a batch with the model as prior: the mean of
-    ``reconstruct.posterior_samples`` samples, and their per-pixel standard deviation of
-    magnitudes (``None`` for one sample or the deterministic one-step method)."""
+    ``reconstruct.posterior_samples`` samples, their per-pixel standard deviation of
+    magnitudes (``None`` for one sample or the deterministic one-step method), and the mean
+    itself ``(B, C, H, W)`` before taking magnitudes."""
     size = int(meta["image_size"])
     channels = int(meta["image_channels"])
     model_op = RealImage(op) if channels == 1 else op
     batch = y.shape[0]
     if sampler == "one_step":
         mask_op = model_op if meta["mode"] == "ambient" else Identity(batch, size, size)
-        return magnitude(one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op)), None
+        image = one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op)
+        return magnitude(image), None, image
     ddim = build_ddim(meta["scheduler"], rc["steps"])
     make_operator, redraw = network_operator_factory(meta, rc, op, seed)
     draws = []
@@ -138,9 +142,9 @@ def _diffusion(net, meta, rc, op, y, seed, sampler) -> tuple[np.ndarray, np.ndar
             )
         )
     # The posterior mean is an average of data-consistent images, hence data-consistent.
-    mean = magnitude(torch.stack(draws).mean(dim=0))
+    image = torch.stack(draws).mean(dim=0)
     spread = np.stack([magnitude(d) for d in draws]).std(axis=0) if len(draws) > 1 else None
-    return mean, spread
+    return magnitude(image), spread, image
 
 
 def _panel(path: Path, columns: list[tuple[str, np.ndarray]], reference: np.ndarray) -> None:
@@ -223,10 +227,12 @@ def diffusion_methods(
     y: torch.Tensor,
     seed: int,
     uncertainty: dict[str, np.ndarray] | None = None,
+    images_out: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Reconstructions of ``y`` with each configured sampler, batched. When
+    """Magnitude reconstructions of ``y`` with each configured sampler, batched. When
     ``uncertainty`` is given, it receives each sampler's per-pixel standard deviation over
-    its posterior samples (samplers with more than one sample only)."""
+    its posterior samples (samplers with more than one sample only); ``images_out`` receives
+    the reconstructions before magnitudes, ``(N, C, H, W)``."""
     results, seconds = {}, {}
     n = y.shape[0]
     for sampler in rc["samplers"]:
@@ -236,23 +242,158 @@ def diffusion_methods(
             for b in _batches(n, rc["batch_size"])
         ]
         name = f"diffusion_{sampler}"
-        results[name] = np.concatenate([mean for mean, _ in parts])
+        results[name] = np.concatenate([mean for mean, _, _ in parts])
         seconds[name] = (time.perf_counter() - start) / n
         if uncertainty is not None and parts[0][1] is not None:
-            uncertainty[name] = np.concatenate([spread for _, spread in parts])
+            uncertainty[name] = np.concatenate([spread for _, spread, _ in parts])
+        if images_out is not None:
+            images_out[name] = torch.cat([image for _, _, image in parts]).numpy()
     return results, seconds
 
 
+# Noise level of the held-back prediction test, as a fraction of the schedule's length: low,
+# so that what is scored is the prior's prediction of lines the network does not see.
+HELD_BACK_LEVEL = 0.02
+HELD_BACK_DRAWS = 4
+# Slices of the cohort's hold-out subjects the shift score is calibrated on.
+SHIFT_REFERENCE_SLICES = 24
+
+
+@torch.no_grad()
+def held_back_errors(
+    net, meta: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
+) -> np.ndarray:
+    """``(B,)`` how well the model predicts each slice's own measured lines it is not shown.
+
+    B drops some of the scan's acquired lines (as in training, Ã = B A); the network sees the
+    rest at a low noise level and predicts x̂0; the score is ‖x̂0's held-back lines − y's‖² /
+    ‖y's held-back lines‖², averaged over :data:`HELD_BACK_DRAWS` draws of B. Below 1 the prior
+    predicts unmeasured k-space better than zero-filling does; at 1 or above it adds nothing on
+    this scan. Needs no clean image. Ambient models only (others never saw a masked input).
+    """
+    steps = int(meta["scheduler"]["num_train_timesteps"])
+    t = max(1, int(round(HELD_BACK_LEVEL * steps)))
+    abar = float(build_ddim(meta["scheduler"], 1).alphas_cumprod[t])
+    generator = torch.Generator().manual_seed(derive_seed(seed, "held-back"))
+    scores = torch.zeros(len(y))
+    for _ in range(HELD_BACK_DRAWS):
+        tilde = further_kspace_mask(op.line_mask, generator)
+        if isinstance(op, MultiCoilSense):
+            op_tilde: MaskedOperator = MultiCoilSense(tilde, op.maps)
+        else:
+            op_tilde = SingleCoilFourier(tilde, op.height)
+        shape = (len(y), int(meta["image_channels"]), *op.mask_image().shape[-2:])
+        noise = torch.randn(shape, generator=generator)
+        z = op_tilde.A_adjoint(abar**0.5 * y + (1.0 - abar) ** 0.5 * op_tilde.A(noise))
+        x0 = net(z, op_tilde.mask_image(), torch.full((len(y),), t, dtype=torch.long)).float()
+        residual = op.A(x0) - y
+        held = op.observed(residual) * (1.0 - op_tilde.observed(residual))
+        energy = (y.square() * held).flatten(1).sum(1).clamp(min=1e-12)
+        scores += (residual.square() * held).flatten(1).sum(1) / energy
+    return (scores / HELD_BACK_DRAWS).numpy()
+
+
+def shift_reference(
+    net, meta, cfg: dict[str, Any], store, coils: int, acceleration: float
+) -> np.ndarray | None:
+    """:func:`held_back_errors` of the cohort's own hold-out slices, acquired as the new scan
+    was (``coils``, R = ``acceleration``) by the shared simulator; None without clean hold-out
+    slices."""
+    rows = spread_rows(store.index.rows("holdout"), SHIFT_REFERENCE_SLICES)
+    if len(rows) == 0:
+        return None
+    rc = dict(cfg["reconstruct"]) | {"coils": coils}
+    seed = cfg["cohort"]["seed"]
+    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    acq = acquisition(rc, acceleration, store.images.shape[-1], seed)
+    op, y = undersample(acq, store, rows, keys, "domain-shift-reference")
+    return held_back_errors(net, meta, op, y, seed)
+
+
+def _reduced(op: MaskedOperator, line_mask: torch.Tensor) -> MaskedOperator:
+    """``op`` with another line mask (the same coil maps)."""
+    if isinstance(op, MultiCoilSense):
+        return MultiCoilSense(line_mask, op.maps)
+    return SingleCoilFourier(line_mask, op.height)
+
+
+def sampler_trust(
+    net, meta: dict[str, Any], rc: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
+) -> dict[str, np.ndarray]:
+    """Per diffusion sampler, ``(B,)`` how much of its contribution each slice's own data
+    support (the ``reconstruct.guard``), validated the way self-supervised MRI methods
+    validate: some acquired lines are held back, every sampler reconstructs from the rest,
+    and its contribution beyond the zero-filled image of the rest is scaled onto the
+    held-back lines (least squares, clipped to [0, 1]): 0 where it predicts them no better
+    than zero-filling, 1 where it predicts them fully."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "guard"))
+    op_rest = _reduced(op, further_kspace_mask(op.line_mask, generator))
+    y_rest = y * op_rest.observed(y)
+    held = op.observed(y) * (1.0 - op_rest.observed(y))
+    base = op_rest.A_adjoint(y_rest)
+    target = (y - op.A(base)) * held
+    images: dict[str, np.ndarray] = {}
+    diffusion_methods(net, meta, rc, op_rest, y_rest, seed, images_out=images)
+    trust = {}
+    for method, image in images.items():
+        added = (op.A(torch.from_numpy(image)) - op.A(base)) * held
+        fit = (added * target).flatten(1).sum(1) / added.square().flatten(1).sum(1).clamp(min=1e-12)
+        trust[method] = fit.clamp(0.0, 1.0).numpy()
+    return trust
+
+
+def shift_verdict(errors: np.ndarray, reference: np.ndarray | None) -> dict[str, Any]:
+    """The verdict on a scan from its slices' :func:`held_back_errors`.
+
+    ``prior_gain``: 1 − their median, the share of unmeasured k-space energy the prior
+    predicts (≤ 0: it cannot help here). With ``reference`` (the cohort's hold-out acquired
+    alike): ``domain_shift_score``, the scan's median over the reference median, and
+    ``out_of_distribution`` when the scan's median exceeds the reference's 95th percentile
+    (``domain_shift_threshold``, as the same ratio).
+    """
+    median = float(np.median(errors))
+    verdict: dict[str, Any] = {"prior_gain": round(1.0 - median, 4)}
+    if reference is not None:
+        base = float(np.median(reference))
+        verdict |= {
+            "domain_shift_score": round(median / base, 4),
+            "domain_shift_threshold": round(float(np.quantile(reference, 0.95)) / base, 4),
+            "reference_prior_gain": round(1.0 - base, 4),
+        }
+        verdict["out_of_distribution"] = bool(median > float(np.quantile(reference, 0.95)))
+    return verdict
+
+
+def data_residual(op: MaskedOperator, y: torch.Tensor, images: np.ndarray | None) -> list[float]:
+    """Per slice ‖A x − y‖ / ‖y‖ of a complex reconstruction (``None``: not available)."""
+    if images is None:
+        return []
+    x = torch.from_numpy(images)
+    residual = (op.A(x) - y).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp(min=1e-12)
+    return [round(float(r), 6) for r in residual]
+
+
 def reconstruct_new_files(
-    net, meta: dict[str, Any], cfg: dict[str, Any], folder: Path, files_dir: Path
-) -> int:
+    net,
+    meta: dict[str, Any],
+    cfg: dict[str, Any],
+    folder: Path,
+    files_dir: Path,
+    store=None,
+) -> list[dict[str, Any]]:
     """Reconstructs every raw k-space file of ``folder`` as acquired (no reference exists).
 
     Each file is prepared exactly as ingest prepares training data (centre crop to the
     model's size, ESPIRiT maps from the ACS lines, the ACS-based scaling), then reconstructed
     by zero-filling, CS (the middle candidate λ: there is no reference to choose it on) and
     the diffusion samplers. Outputs: NIfTI per method, a derived DICOM series of the first
-    sampler, a PNG panel (zero-filled | CS | samplers). Returns the number of files.
+    sampler, a PNG panel (zero-filled | CS | samplers).
+
+    Returns one report per file (named ``newNNN``, never by its file name): per slice, each
+    diffusion method's residual ‖A x − y‖ / ‖y‖ on the measurements and, for ambient models,
+    :func:`held_back_errors`, with :func:`shift_verdict` against the cohort's hold-out slices
+    acquired alike (from ``store``); a scan out of the cohort's distribution, or one the prior
+    cannot help, is also a warning in the log.
     """
     rc = cfg["reconstruct"]
     seed = cfg["cohort"]["seed"]
@@ -262,6 +403,8 @@ def reconstruct_new_files(
         raise AmbientMedError(f"config key 'reconstruct.input': no raw k-space file in '{folder}'")
     lamda = sorted(rc["cs_lambdas"])[len(rc["cs_lambdas"]) // 2]
     samplers = list(rc["samplers"])
+    reports: list[dict[str, Any]] = []
+    references: dict[tuple[int, int], np.ndarray | None] = {}
     for number, path in enumerate(files):
         raw = read_raw(path, 10**10)
         kspace, lines = fit_kspace(raw.kspace, raw.line_mask, size)
@@ -280,9 +423,55 @@ def reconstruct_new_files(
         results["cs_l1"] = np.stack(
             [np.abs(l1_wavelet(kspace[s], maps[s], lines[s], lamda)) for s in range(len(kspace))]
         ).astype(np.float32)
-        learned, _ = diffusion_methods(net, meta, rc, op, y, seed)
-        results |= learned
+        complex_images: dict[str, np.ndarray] = {}
+        learned, _ = diffusion_methods(net, meta, rc, op, y, seed, images_out=complex_images)
         name = f"new{number:03d}"
+        report: dict[str, Any] = {"scan": name, "slices": int(len(kspace))}
+        if rc["guard"]:
+            # Keep of each slice's contribution beyond its zero-filled image only the share its
+            # held-back lines support: none where the sampler predicts them no better, so a
+            # scan the prior cannot help comes back as its zero-filled image. (With estimated
+            # coil maps zero-filled is not data-consistent either; it is the floor users know.)
+            trust = sampler_trust(net, meta, rc, op, y, seed)
+            report["guard_trust"] = {m: [round(float(g), 4) for g in v] for m, v in trust.items()}
+            base = op.A_adjoint(y)
+            for method, image in complex_images.items():
+                scale = torch.from_numpy(trust[method]).view(-1, 1, 1, 1)
+                guarded = base + scale * (torch.from_numpy(image) - base)
+                complex_images[method] = guarded.numpy()
+                learned[method] = magnitude(guarded)
+        if meta["mode"] == "ambient" and meta["image_channels"] == 2:
+            errors = held_back_errors(net, meta, op, y, seed)
+            report["held_back_error"] = [round(float(e), 4) for e in errors]
+        results |= learned
+        # Zero-filled A^H y is the floor: with estimated coil maps no image fits every coil's
+        # lines exactly, so what a sampler must not do is land further from them.
+        complex_images["zero_filled"] = op.A_adjoint(y).numpy()
+        report["residual"] = {m: data_residual(op, y, im) for m, im in complex_images.items()}
+        if "held_back_error" in report:
+            # The hold-out acquired like this scan: its coils, its R (rounded to a whole one).
+            rate = max(2, round(lines.shape[-1] / float(lines.sum(-1).mean())))
+            setting = (int(kspace.shape[1]), rate)
+            if store is not None and setting not in references:
+                references[setting] = shift_reference(net, meta, cfg, store, *setting)
+            report |= shift_verdict(errors, references.get(setting))
+            if report.get("out_of_distribution"):
+                log.warning(
+                    "%s: unlike the training cohort (the prior predicts its unmeasured lines "
+                    "%.2f× worse than the cohort hold-out's, threshold %.2f×); every "
+                    "reconstruction still ends on its measurements",
+                    name,
+                    report["domain_shift_score"],
+                    report["domain_shift_threshold"],
+                )
+            if report["prior_gain"] <= 0:
+                log.warning(
+                    "%s: the prior predicts none of its unmeasured k-space (gain %.3f): expect "
+                    "zero-filled quality from the diffusion samplers",
+                    name,
+                    report["prior_gain"],
+                )
+        reports.append(report)
         for method, images in results.items():
             write_slice_volume(files_dir / f"{name}_{method}.nii.gz", images, np.eye(4))
         primary = f"diffusion_{samplers[0]}" if samplers else "cs_l1"
@@ -298,7 +487,7 @@ def reconstruct_new_files(
         columns = [(m, images[middle]) for m, images in results.items()]
         _panel(files_dir / f"panel_{name}.png", columns, results["zero_filled"][middle])
         log.info("%s: %d slices reconstructed (%s)", name, len(kspace), path.name)
-    return len(files)
+    return reports
 
 
 def run(
@@ -317,9 +506,11 @@ def run(
         "noise_sigma": rc["noise_sigma"],
         "holdout_slices": 0,
     }
-    if rc["input"]:
-        metrics["new_files"] = reconstruct_new_files(net, meta, cfg, Path(rc["input"]), files_dir)
     store = read_slices(slices_path)
+    if rc["input"]:
+        scans = reconstruct_new_files(net, meta, cfg, Path(rc["input"]), files_dir, store)
+        metrics["new_files"] = len(scans)
+        metrics["new_scans"] = scans
     holdout = spread_rows(store.index.rows("holdout"), rc["max_slices"])
     if meta["kind"] == "native" or len(holdout) == 0:
         # Undersampled raw cohorts have no clean reference to undersample and compare with.
