@@ -117,7 +117,10 @@ rule all:
         expand("results/{cohort}/reconstruct/metrics.json", cohort=COHORTS),
         expand("results/{cohort}/bundle", cohort=COHORTS),
         expand("results/{pool}/sample/grid.png", pool=POOLS),
-        [f"results/{pool}/eval/{cohort}/memorization.json" for pool, cohort in POOL_AUDITS],
+        [
+            f"results/{pool}/eval/{cohort}/memorization.json"
+            for pool, cohort in POOL_AUDITS
+        ],
     localrule: True
 
 

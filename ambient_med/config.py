@@ -34,7 +34,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "reconstruct": ("reconstruct", "ingest"),
     "audit": ("audit",),
     "evaluate": ("evaluate",),
-    "bundle": ("reconstruct",),
+    "bundle": ("reconstruct", "ingest"),
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,16 +348,9 @@ def write_demo_cohort(
     Returns:
         One ``(relative path, format)`` per written subject.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.part")
-    if tmp.exists():
-        _rmtree(tmp)
-    tmp.mkdir(parents=True)
     tissues, affine = load_template(voxel_mm)
     written = []
-    for subject in range(subjects):
-        kind = subject_contrast(contrast, seed, subject)
-        volume = pseudo_subject(tissues, seed + subject, voxel_mm, kind)
+    for subject, volume, tmp in _subjects(out_dir, tissues, subjects, voxel_mm, seed, contrast):
         if (subject + 1) % dicom_every == 0:
             name = f"series_{subject:02d}"
             write_dicom_series(tmp / name, volume, affine, subject, seed)
@@ -365,9 +359,6 @@ def write_demo_cohort(
             name = f"volume_{subject:02d}.nii.gz"
             write_nifti(tmp / name, volume, affine, flip_x=subject % 4 == 2)
             written.append((name, "nifti"))
-    if out_dir.exists():
-        _rmtree(out_dir)
-    os.replace(tmp, out_dir)
     return written
 
 
@@ -392,17 +383,10 @@ def write_demo_raw_cohort(
     """
     from ambient_med.physics.masks import LineMaskFunc
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.part")
-    if tmp.exists():
-        _rmtree(tmp)
-    tmp.mkdir(parents=True)
     tissues, _ = load_template(voxel_mm)
     masks = LineMaskFunc([center_fraction], [acceleration], "equispaced")
     written = []
-    for subject in range(subjects):
-        kind = subject_contrast(contrast, seed, subject)
-        volume = pseudo_subject(tissues, seed + subject, voxel_mm, kind)
+    for subject, volume, tmp in _subjects(out_dir, tissues, subjects, voxel_mm, seed, contrast):
         axial = np.moveaxis(volume, 2, 0).astype(np.float32)  # (slices, x, y)
         covered = (axial > 0.1 * axial.max()).mean(axis=(1, 2))
         axial = axial[covered >= min_foreground]
@@ -411,10 +395,30 @@ def write_demo_raw_cohort(
         name = f"scan_{subject:02d}.h5"
         write_fastmri(tmp / name, kspace, line_mask)
         written.append((name, "fastmri"))
+    return written
+
+
+def _subjects(
+    out_dir: Path,
+    tissues: np.ndarray,
+    subjects: int,
+    voxel_mm: float,
+    seed: int,
+    contrast: str,
+) -> Iterator[tuple[int, np.ndarray, Path]]:
+    """``(subject, volume, folder to write into)`` for every demo subject; the folder is a
+    temporary sibling of ``out_dir`` that replaces it once every subject is written."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.part")
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for subject in range(subjects):
+        kind = subject_contrast(contrast, seed, subject)
+        yield subject, pseudo_subject(tissues, seed + subject, voxel_mm, kind), tmp
     if out_dir.exists():
         _rmtree(out_dir)
     os.replace(tmp, out_dir)
-    return written
 
 
 def _rmtree(path: Path) -> None:

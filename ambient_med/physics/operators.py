@@ -193,7 +193,7 @@ def data_consistent(
     image: torch.Tensor,
     measurements: torch.Tensor,
     iterations: int = 10,
-    damping: float = 1e-2,
+    damping: float | None = None,
 ) -> torch.Tensor:
     """The image closest to ``image`` that agrees with the measurements.
 
@@ -201,12 +201,15 @@ def data_consistent(
     and the measurements where they were (``x + A^H (y - A x)``). For SENSE the measurements
     need not lie in A's range (estimated coil maps), so "agrees" is in the least-squares sense:
     z = x + δ with δ from conjugate gradients on ``(A^H A + damping·I) δ = A^H (y − A x)``
-    (CG-SENSE), which leaves ``image`` untouched where A sees nothing and lands at least as
-    close to the measurements as A^H y does.
+    (CG-SENSE), which leaves ``image`` untouched where A sees nothing. ``damping`` defaults
+    to 1e-2 for SENSE, whose estimated coil maps make the normal equations ill-posed, and
+    1e-6 otherwise (a real image under a Fourier mask: the measurements lie in A's range).
     """
     residual = measurements - op.A(image)
     if op.orthonormal:
         return image + op.A_adjoint(residual)
+    if damping is None:
+        damping = 1e-2 if isinstance(op, MultiCoilSense) else 1e-6
     rhs = op.A_adjoint(residual)
     delta = torch.zeros_like(rhs)
     r = rhs.clone()

@@ -90,7 +90,11 @@ def inference_config(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any
         # What the model was trained on; the sampler needs it (mode, kind, Ã_inf, size).
         "model_meta": model_meta,
         # The inferer: the samplers and their settings (docs/README.md lists them).
-        "inferer": {"reconstruct": rc, "cohort": {"seed": int(cfg["cohort"]["seed"])}},
+        "inferer": {
+            "reconstruct": rc,
+            "ingest": {k: cfg["ingest"][k] for k in ("intensity_percentile", "intensity_band")},
+            "cohort": {"seed": int(cfg["cohort"]["seed"])},
+        },
         "preprocessing": (
             "centre crop to image_size, ESPIRiT coil maps from the ACS lines, k-space scaled "
             "by the ACS image (ambient_med.io.kspace.fit_kspace / calibrate)"
@@ -120,7 +124,10 @@ def infer(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     with torch.enable_grad():
-        return reconstruct_new_files(network.cpu(), model_meta, settings, Path(input_dir), output)
+        reports = reconstruct_new_files(
+            network.cpu(), model_meta, settings, Path(input_dir), output
+        )
+    return len(reports)
 
 
 def metadata(meta: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
