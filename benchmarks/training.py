@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = stores(config, args.workdir)
     rows = step_ratios(config, paths, args.steps, args.repeats)
-    worker_args = [a for a in argv if a != "--ddp-worker"]
-    rows += ddp_rows(worker_args, args.workdir, args.threads, args.world_sizes)
+    rows += ddp_rows(argv, args.workdir, args.threads, args.world_sizes)
     path = write_results("training", started, rows, args.results or RESULTS)
     print(f"wrote {path}")
     return path

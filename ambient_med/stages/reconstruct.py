@@ -259,6 +259,13 @@ HELD_BACK_DRAWS = 4
 SHIFT_REFERENCE_SLICES = 24
 
 
+def _reduced(op: MaskedOperator, line_mask: torch.Tensor) -> MaskedOperator:
+    """``op`` with another line mask (the same coil maps)."""
+    if isinstance(op, MultiCoilSense):
+        return MultiCoilSense(line_mask, op.maps)
+    return SingleCoilFourier(line_mask, op.height)
+
+
 @torch.no_grad()
 def held_back_errors(
     net, meta: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
@@ -277,11 +284,7 @@ def held_back_errors(
     generator = torch.Generator().manual_seed(derive_seed(seed, "held-back"))
     scores = torch.zeros(len(y))
     for _ in range(HELD_BACK_DRAWS):
-        tilde = further_kspace_mask(op.line_mask, generator)
-        if isinstance(op, MultiCoilSense):
-            op_tilde: MaskedOperator = MultiCoilSense(tilde, op.maps)
-        else:
-            op_tilde = SingleCoilFourier(tilde, op.height)
+        op_tilde = _reduced(op, further_kspace_mask(op.line_mask, generator))
         shape = (len(y), int(meta["image_channels"]), *op.mask_image().shape[-2:])
         noise = torch.randn(shape, generator=generator)
         z = op_tilde.A_adjoint(abar**0.5 * y + (1.0 - abar) ** 0.5 * op_tilde.A(noise))
@@ -310,13 +313,6 @@ def shift_reference(
     return held_back_errors(net, meta, op, y, seed)
 
 
-def _reduced(op: MaskedOperator, line_mask: torch.Tensor) -> MaskedOperator:
-    """``op`` with another line mask (the same coil maps)."""
-    if isinstance(op, MultiCoilSense):
-        return MultiCoilSense(line_mask, op.maps)
-    return SingleCoilFourier(line_mask, op.height)
-
-
 def sampler_trust(
     net, meta: dict[str, Any], rc: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
 ) -> dict[str, np.ndarray]:
@@ -330,13 +326,13 @@ def sampler_trust(
     op_rest = _reduced(op, further_kspace_mask(op.line_mask, generator))
     y_rest = y * op_rest.observed(y)
     held = op.observed(y) * (1.0 - op_rest.observed(y))
-    base = op_rest.A_adjoint(y_rest)
-    target = (y - op.A(base)) * held
+    base = op.A(op_rest.A_adjoint(y_rest))
+    target = (y - base) * held
     images: dict[str, np.ndarray] = {}
     diffusion_methods(net, meta, rc, op_rest, y_rest, seed, images_out=images)
     trust = {}
     for method, image in images.items():
-        added = (op.A(torch.from_numpy(image)) - op.A(base)) * held
+        added = (op.A(torch.from_numpy(image)) - base) * held
         fit = (added * target).flatten(1).sum(1) / added.square().flatten(1).sum(1).clamp(min=1e-12)
         trust[method] = fit.clamp(0.0, 1.0).numpy()
     return trust
@@ -364,10 +360,8 @@ def shift_verdict(errors: np.ndarray, reference: np.ndarray | None) -> dict[str,
     return verdict
 
 
-def data_residual(op: MaskedOperator, y: torch.Tensor, images: np.ndarray | None) -> list[float]:
-    """Per slice ‖A x − y‖ / ‖y‖ of a complex reconstruction (``None``: not available)."""
-    if images is None:
-        return []
+def data_residual(op: MaskedOperator, y: torch.Tensor, images: np.ndarray) -> list[float]:
+    """Per slice ‖A x − y‖ / ‖y‖ of complex reconstructions ``(B, C, H, W)``."""
     x = torch.from_numpy(images)
     residual = (op.A(x) - y).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp(min=1e-12)
     return [round(float(r), 6) for r in residual]
@@ -419,7 +413,8 @@ def reconstruct_new_files(
         )
         op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
         y = torch.view_as_real(torch.from_numpy(kspace)).float()
-        results = {"zero_filled": magnitude(op.A_adjoint(y))}
+        zero_filled = op.A_adjoint(y)
+        results = {"zero_filled": magnitude(zero_filled)}
         results["cs_l1"] = np.stack(
             [np.abs(l1_wavelet(kspace[s], maps[s], lines[s], lamda)) for s in range(len(kspace))]
         ).astype(np.float32)
@@ -434,10 +429,9 @@ def reconstruct_new_files(
             # coil maps zero-filled is not data-consistent either; it is the floor users know.)
             trust = sampler_trust(net, meta, rc, op, y, seed)
             report["guard_trust"] = {m: [round(float(g), 4) for g in v] for m, v in trust.items()}
-            base = op.A_adjoint(y)
             for method, image in complex_images.items():
                 scale = torch.from_numpy(trust[method]).view(-1, 1, 1, 1)
-                guarded = base + scale * (torch.from_numpy(image) - base)
+                guarded = zero_filled + scale * (torch.from_numpy(image) - zero_filled)
                 complex_images[method] = guarded.numpy()
                 learned[method] = magnitude(guarded)
         if meta["mode"] == "ambient" and meta["image_channels"] == 2:
@@ -446,7 +440,7 @@ def reconstruct_new_files(
         results |= learned
         # Zero-filled A^H y is the floor: with estimated coil maps no image fits every coil's
         # lines exactly, so what a sampler must not do is land further from them.
-        complex_images["zero_filled"] = op.A_adjoint(y).numpy()
+        complex_images["zero_filled"] = zero_filled.numpy()
         report["residual"] = {m: data_residual(op, y, im) for m, im in complex_images.items()}
         if "held_back_error" in report:
             # The hold-out acquired like this scan: its coils, its R (rounded to a whole one).
