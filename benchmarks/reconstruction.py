@@ -28,10 +28,12 @@ import json
 import logging
 import math
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -46,12 +48,26 @@ from common import (  # noqa: E402
 
 from ambient_med.config import stage_config  # noqa: E402
 from ambient_med.evaluation.metrics import METRICS, bootstrap_ci, per_volume_metrics  # noqa: E402
-from ambient_med.io.store import read_slices  # noqa: E402
+from ambient_med.io.store import MeasurementStore, read_slices, write_measurements  # noqa: E402
+from ambient_med.physics.acquisition import Acquisition, as_channels  # noqa: E402
+from ambient_med.physics.masks import derive_seed, pixel_mask  # noqa: E402
+from ambient_med.physics.operators import PixelMask  # noqa: E402
 from ambient_med.stages import corrupt, train  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
-from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
+from ambient_med.stages.common import (  # noqa: E402
+    example_keys,
+    load_model,
+    slice_identity,
+    spread_rows,
+)
+from ambient_med.stages.reconstruct import (  # noqa: E402
+    diffusion_methods,
+    held_back_errors,
+    retrospective,
+)
 
 MODES = ("ambient", "naive", "clean")
+SETTINGS = ("kspace", "pixel", "native")
+NATIVE_COILS = 4
 
 
 def holdout_rows(store, per_volume: int) -> np.ndarray:
@@ -64,28 +80,34 @@ def holdout_rows(store, per_volume: int) -> np.ndarray:
     return np.concatenate(picked)
 
 
-def curve_rows(records: list[dict]) -> list[dict]:
-    """PSNR over training steps per mode (mean over seeds × volumes, with interval), and the
-    paired ambient − naive difference at each step."""
+def curve_rows(records: list[dict], total: int) -> list[dict]:
+    """PSNR at R = 4 over training steps per mode and sampler (mean over seeds × volumes, with
+    interval), the ambient model's held-back prediction ratio, and the paired ambient − naive
+    difference at each step. Records of the final models count at step ``total``."""
     by_key: dict[tuple, dict] = defaultdict(dict)
+    held: dict[tuple, list] = defaultdict(list)
     for r in records:
-        by_key[(r["train_mode"], r["step"])][(r["seed"], r["volume"])] = r["psnr"]
+        step = r.get("step", total)
+        by_key[(r["train_mode"], r["sampler"], step)][(r["seed"], r["volume"])] = r["psnr"]
+        if r.get("held_back") is not None:
+            held[(r["train_mode"], r["sampler"], step)].append(r["held_back"])
     rows = []
-    for (mode, step), values in sorted(by_key.items()):
+    for (mode, sampler, step), values in sorted(by_key.items()):
         table = _table(values)
         low, high = bootstrap_ci(table)
-        rows.append(
-            {
-                "train_mode": mode,
-                "step": step,
-                "sampler": "dc",
-                "R": 4,
-                "cells": table.size,
-                "psnr": round(float(table.mean()), 3),
-                "psnr_ci95": [round(low, 3), round(high, 3)],
-            }
-        )
-        naive = by_key.get(("naive", step))
+        row = {
+            "train_mode": mode,
+            "step": step,
+            "sampler": sampler,
+            "R": 4,
+            "cells": table.size,
+            "psnr": round(float(table.mean()), 3),
+            "psnr_ci95": [round(low, 3), round(high, 3)],
+        }
+        if held.get((mode, sampler, step)):
+            row["held_back_ratio"] = round(float(np.mean(held[(mode, sampler, step)])), 4)
+        rows.append(row)
+        naive = by_key.get(("naive", sampler, step))
         if mode == "ambient" and naive and set(naive) == set(values):
             diff = _table(values) - _table(naive)
             low, high = bootstrap_ci(diff)
@@ -93,7 +115,7 @@ def curve_rows(records: list[dict]) -> list[dict]:
                 {
                     "train_mode": "ambient-naive",
                     "step": step,
-                    "sampler": "dc",
+                    "sampler": sampler,
                     "R": 4,
                     "cells": diff.size,
                     "psnr": round(float(diff.mean()), 3),
@@ -132,12 +154,20 @@ def aggregate(records: list[dict]) -> list[dict]:
     """Rows of the contract: mean over seeds × volumes, bootstrap interval of the PSNR."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        key = (r["method"], r["train_mode"], r["corruption"], r["sampler"], r["R"], r["coils"])
+        key = (
+            r["method"],
+            r["train_mode"],
+            r["corruption"],
+            r["sampler"],
+            r["R"],
+            r.get("p"),
+            r["coils"],
+        )
         groups[key].append(r)
     rows = []
     tables = {}
     for key, group in sorted(groups.items(), key=lambda item: tuple(str(x) for x in item[0])):
-        _, mode, corruption, sampler, accel, coils = key
+        _, mode, corruption, sampler, accel, p, coils = key
         seeds = sorted({r["seed"] for r in group})
         volumes = sorted({r["volume"] for r in group})
         table = {
@@ -146,7 +176,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             )
             for name in (*METRICS, "seconds_per_slice")
         }
-        tables[(mode, corruption, sampler, accel, coils)] = (seeds, volumes, table["psnr"])
+        tables[(mode, corruption, sampler, accel, p, coils)] = (seeds, volumes, table["psnr"])
         rows.append(
             _row(key, seeds, volumes, table["psnr"])
             | {
@@ -155,14 +185,14 @@ def aggregate(records: list[dict]) -> list[dict]:
             }
         )
     # Paired differences: same seed index and volume, ambient against each baseline.
-    for (mode, corruption, sampler, accel, coils), (seeds, volumes, psnr) in tables.items():
+    for (mode, corruption, sampler, accel, p, coils), (seeds, volumes, psnr) in tables.items():
         if mode != "ambient":
             continue
         for other in ("naive", "clean"):
-            match = tables.get((other, corruption, sampler, accel, coils))
+            match = tables.get((other, corruption, sampler, accel, p, coils))
             if match is None or match[0] != seeds or match[1] != volumes:
                 continue
-            key = ("difference", f"ambient-{other}", corruption, sampler, accel, coils)
+            key = ("difference", f"ambient-{other}", corruption, sampler, accel, p, coils)
             rows.append(_row(key, seeds, volumes, psnr - match[2]))
     return rows
 
@@ -170,7 +200,7 @@ def aggregate(records: list[dict]) -> list[dict]:
 def _row(key: tuple, seeds: list, volumes: list, psnr: np.ndarray) -> dict:
     """One contract row: the mean PSNR over seeds × volumes and its bootstrap interval (the
     other metrics are null unless the caller adds them)."""
-    method, mode, corruption, sampler, accel, coils = key
+    method, mode, corruption, sampler, accel, p, coils = key
     low, high = bootstrap_ci(psnr)
     return {
         "method": method,
@@ -178,7 +208,7 @@ def _row(key: tuple, seeds: list, volumes: list, psnr: np.ndarray) -> dict:
         "corruption": corruption,
         "sampler": sampler,
         "R": accel,
-        "p": None,
+        "p": p,
         "coils": coils,
         "seeds": len(seeds),
         "volumes": len(volumes),
@@ -202,9 +232,9 @@ def write_markdown(rows: list[dict], path: Path, note: str) -> None:
     lines = [
         note,
         "",
-        "| method | train_mode | sampler | R | seeds×vols | PSNR [95 % CI] | SSIM | SSIM fg "
-        "| NRMSE |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | train_mode | corruption | sampler | R / p | coils | seeds×vols "
+        "| PSNR [95 % CI] | SSIM | SSIM fg | NRMSE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         ci = r["psnr_ci95"]
@@ -212,12 +242,79 @@ def write_markdown(rows: list[dict], path: Path, note: str) -> None:
         def fmt(value, digits=3):
             return "" if value is None else f"{value:.{digits}f}"
 
+        level = f"p = {r['p']:g}" if r["p"] is not None else f"R = {r['R']:g}"
         lines.append(
-            f"| {r['method']} | {r['train_mode']} | {r['sampler']} | {r['R']:g} | "
-            f"{r['seeds']}×{r['volumes']} | {r['psnr']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | "
+            f"| {r['method']} | {r['train_mode']} | {r['corruption']} | {r['sampler']} | "
+            f"{level} | {r['coils']} | {r['seeds']}×{r['volumes']} | "
+            f"{r['psnr']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] | "
             f"{fmt(r['ssim'])} | {fmt(r['ssim_fg'])} | {fmt(r['nrmse'])} |"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def interpolated(y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Inpainting baseline: piecewise-linear interpolation of the kept pixels (Delaunay,
+    scipy), nearest kept pixel outside their hull. ``y``, ``keep``: ``(N, H, W)``."""
+    from scipy.interpolate import griddata
+
+    out = np.empty_like(y)
+    grid = np.indices(y.shape[1:]).reshape(2, -1).T
+    for i in range(len(y)):
+        points = np.argwhere(keep[i])
+        values = y[i][keep[i]]
+        linear = griddata(points, values, grid, method="linear")
+        nearest = griddata(points, values, grid, method="nearest")
+        out[i] = np.where(np.isnan(linear), nearest, linear).reshape(y.shape[1:])
+    return out.astype(np.float32)
+
+
+def pixel_problem(store, rows: np.ndarray, keys: list[str], p: float, seed: int):
+    """(A, y) of inpainting the magnitude slices ``rows`` with a fraction ``p`` of pixels
+    missing, one seeded mask per slice."""
+    size = store.images.shape[-1]
+    keep = np.stack(
+        [pixel_mask((size, size), p, derive_seed(seed, "pixel-test", keys[r])) for r in rows]
+    )
+    op = PixelMask(torch.from_numpy(keep)[:, None])
+    return op, op.A(as_channels(store.images[rows])), keep
+
+
+def native_store(config: dict, store, keys: list[str], path: Path) -> None:
+    """The measurement store of a natively multi-coil cohort: every slice acquired by the
+    shared simulator with ``coils`` birdcage coils on its own random R = 4 line mask (seeded
+    apart from the test masks), A = M F S, and nothing else kept. The maps stored are the
+    simulator's: at 64² the 8 % centre holds 5 lines, fewer than ESPIRiT needs (6)."""
+    kspace_cfg = config["corrupt"]["kspace"]
+    seed = derive_seed(config["cohorts"]["demo"]["seed"], "native-train")
+    acq = Acquisition(
+        kspace_cfg["acceleration"],
+        kspace_cfg["center_fraction"],
+        kspace_cfg["mask_type"],
+        store.images.shape[-1],
+        seed,
+        coils=NATIVE_COILS,
+    )
+    rows = np.arange(len(store.images))
+    op = acq.operator(keys)
+    subjects, slice_index = slice_identity(store, rows)
+    y = acq.measure(op, store.images, subjects, slice_index, "native-train")
+    attrs = {
+        "kind": "native",
+        "operator": "multi_coil_sense",
+        "fft": "centred orthonormal 2-D",
+        "coils": NATIVE_COILS,
+        "cohort": "demo",
+        "seed": config["cohorts"]["demo"]["seed"],
+        "image_size": int(store.images.shape[-1]),
+        "observed_fraction": float(op.line_mask.float().mean()),
+        "phase_encode_axis": "last",
+    }
+    measurements = torch.view_as_complex(y.contiguous()).numpy()
+    maps = op.maps.numpy().astype(np.complex64)
+    write_measurements(
+        path,
+        MeasurementStore(measurements, op.line_mask.numpy(), store.index, attrs, maps=maps),
+    )
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -227,22 +324,31 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=None, help="training steps per model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(SETTINGS),
+        choices=SETTINGS,
+        help="kspace: 1-coil R = 4 training; pixel: p-masked; native: 4-coil R = 4 (ambient)",
+    )
     parser.add_argument("--slices-per-volume", type=int, default=8)
-    parser.add_argument("--accelerations", type=float, nargs="+", default=[4, 8])
+    parser.add_argument("--accelerations", type=float, nargs="+", default=[2, 4, 6, 8])
     parser.add_argument("--samplers", nargs="+", default=["dc", "dps", "one_step"])
     parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--posterior-samples", type=int, default=None, help="default: the config's")
     parser.add_argument(
         "--inference-masks",
         nargs="*",
         default=["fixed", "fresh", "scan"],
-        help="ambient models: also run DC with each reconstruct.inference_mask (dc:<mask>)",
+        help="ambient k-space models: also run DC with each reconstruct.inference_mask",
     )
     parser.add_argument(
         "--curve-steps",
         type=int,
         nargs="*",
         default=[250, 500, 750],
-        help="also score DC at R = 4 from the EMA weights at these training steps",
+        help="k-space models: also score DC and one-step at R = 4 (and, for ambient, the "
+        "held-back prediction ratio) from the EMA weights at these training steps",
     )
     parser.add_argument("--short", action="store_true", help="tiny config, seconds")
     parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
@@ -257,162 +363,232 @@ def main(argv: list[str] | None = None) -> Path:
     curve_steps = [c for c in args.curve_steps if c < config["train"]["steps"]]
     # Checkpoints land on every curve step (and the interval divides the budget).
     config["train"]["checkpoint_every"] = math.gcd(config["train"]["steps"], *curve_steps)
-    config["cohorts"]["demo"]["corruption"] = "kspace"
+    pixel_p = float(config["corrupt"]["pixel"]["p"])
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     slices = demo_slices(config, work)
-    measurements = work / "kspace.h5"
-    if not measurements.exists():
-        corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
     store = read_slices(slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    sources = {"kspace": work / "kspace.h5", "pixel": work / "pixel.h5"}
+    for kind, path in sources.items():
+        if kind in args.settings and not path.exists():
+            corrupt.run(stage_config(config, "demo", "corrupt"), kind, slices, path)
+    sources["native"] = work / "native.h5"
+    if "native" in args.settings and not sources["native"].exists():
+        native_store(config, store, keys, sources["native"])
     holdout = holdout_rows(store, args.slices_per_volume)
     volumes = store.index.subject[holdout]
     validation = spread_rows(store.index.rows("train"), 6)
     reference = store.images[holdout]
-    rc = dict(config["reconstruct"]) | {
-        "samplers": args.samplers,
-        "steps": args.sampling_steps,
-        "coils": 1,
-    }
+    rc = dict(config["reconstruct"]) | {"samplers": args.samplers, "steps": args.sampling_steps}
+    if args.posterior_samples:
+        rc["posterior_samples"] = args.posterior_samples
     seed = config["cohorts"]["demo"]["seed"]
     scores_path = work / "scores.jsonl"
     records = load_scores(scores_path)
     curve = [r for r in records if r["method"] == "curve"]
     records = [r for r in records if r["method"] != "curve"]
-    done = {(r["method"], r["train_mode"], r["seed"], r["R"], r["sampler"]) for r in records}
+
+    def record_key(r: dict) -> tuple:
+        return (
+            r["method"],
+            r["train_mode"],
+            r["corruption"],
+            r["seed"],
+            r["R"],
+            r.get("p"),
+            r["sampler"],
+        )
+
+    done = {record_key(r) for r in records}
     curve_done = {(r["train_mode"], r["seed"], r["step"]) for r in curve}
-    base = {"corruption": "kspace", "coils": 1}
     results_dir = args.results or RESULTS
     note = (
         f"Demo cohort, {len(np.unique(volumes))} hold-out volumes × {args.slices_per_volume} "
         f"slices, {config['train']['steps']} training steps, {args.sampling_steps} sampling "
-        "steps; k-space R = 4 training; single-coil test with a smooth phase."
+        f"steps, {rc['posterior_samples']} posterior sample(s) averaged. kspace: 1-coil R = 4 "
+        f"training, 1-coil test with a smooth phase; pixel: p = {pixel_p:g} training and "
+        f"inpainting test; native: {NATIVE_COILS}-coil R = 4 training, {NATIVE_COILS}-coil test."
     )
 
     def save() -> Path:
         rows = aggregate(records)
         path = write_results("reconstruction", started, rows, results_dir)
         total = config["train"]["steps"]
-        finals = [
-            r | {"step": total}
-            for r in records
-            if r["method"] == "diffusion" and r["sampler"] == "dc" and r["R"] == 4
-        ]
         if curve:
-            write_results("reconstruction_curve", started, curve_rows(curve + finals), results_dir)
+            write_results("reconstruction_curve", started, curve_rows(curve, total), results_dir)
         suffix = ".gpu.md" if machine_kind() == "gpu" else ".md"
         write_markdown(rows, results_dir / f"reconstruction{suffix}", note)
         return path
 
-    def keep(into: list[dict], images: np.ndarray, seconds: float, **keys) -> None:
+    def keep(into: list[dict], images: np.ndarray, seconds: float, **fields) -> None:
         """Scores per hold-out volume, appended to ``scores.jsonl`` and to ``into``."""
-        new = score_records(reference, images, volumes, seconds, **keys, **base)
+        new = score_records(reference, images, volumes, seconds, **fields)
         append_scores(scores_path, new)
         into.extend(new)
-        logging.info("%s: PSNR %.2f", keys, np.mean([r["psnr"] for r in new]))
+        logging.info("%s: PSNR %.2f", fields, np.mean([r["psnr"] for r in new]))
 
-    problems = {}
-    for accel in args.accelerations:
-        if ("zero_filled", "", 0, accel, "") in done:
-            continue
-        op, y, results, seconds, _ = retrospective(
-            rc, accel, store, holdout, validation, keys, seed
-        )
-        problems[accel] = (op, y)
-        for method in ("zero_filled", "cs_l1"):
-            keep(
-                records,
-                results[method],
-                seconds[method],
-                method=method,
-                train_mode="",
-                sampler="",
-                R=accel,
-                seed=0,
+    # Test problems of each setting and level: (A, y), built once with their baselines.
+    problems: dict[tuple, tuple] = {}
+
+    def problem(setting: str, level: float) -> tuple:
+        key = (setting, level)
+        if key in problems:
+            return problems[key]
+        coils = NATIVE_COILS if setting == "native" else 1
+        fields = {"corruption": setting, "coils": coils, "train_mode": "", "sampler": ""}
+        if setting == "pixel":
+            op, y, keep_mask = pixel_problem(store, holdout, keys, level, seed)
+            fields |= {"R": None, "p": level}
+            start_time = time.perf_counter()
+            filled = interpolated(y[:, 0].numpy(), keep_mask)
+            baseline = {"zero_filled": np.abs(y[:, 0].numpy()), "interpolated": np.abs(filled)}
+            seconds = {"zero_filled": 0.0, "interpolated": time.perf_counter() - start_time}
+            seconds["interpolated"] /= len(holdout)
+        else:
+            settings_rc = rc | {"coils": coils}
+            op, y, baseline, seconds, _ = retrospective(
+                settings_rc, level, store, holdout, validation, keys, seed
             )
+            fields |= {"R": level, "p": None}
+        for method, images in baseline.items():
+            if record_key(fields | {"method": method, "seed": 0}) not in done:
+                keep(records, images, seconds[method], method=method, seed=0, **fields)
+        problems[key] = (op, y)
+        return op, y
+
+    levels = {
+        "kspace": args.accelerations,
+        "native": args.accelerations,
+        "pixel": [pixel_p],
+    }
+    for setting in args.settings:
+        for level in levels[setting]:
+            problem(setting, level)
     path = save()
 
     for train_seed in args.seeds:
-        for mode in args.modes:
-            variants = [f"dc:{m}" for m in args.inference_masks] if mode == "ambient" else []
-            if all(
-                ("diffusion", mode, train_seed, a, sampler) in done
-                for a in args.accelerations
-                for sampler in [*args.samplers, *variants]
-            ):
-                continue
-            config["cohorts"]["demo"]["train_mode"] = mode
-            config["train"]["seed"] = train_seed
-            out = work / f"{mode}_seed{train_seed}"
-            source = slices if mode == "clean" else measurements
-            cfg = stage_config(config, "demo", "train")
-            for step in curve_steps:
-                if (mode, train_seed, step) in curve_done or (out / "model.pt").exists():
+        for setting in args.settings:
+            modes = ["ambient"] if setting == "native" else args.modes
+            for mode in modes:
+                variants = (
+                    [f"dc:{m}" for m in args.inference_masks]
+                    if (mode, setting) == ("ambient", "kspace")
+                    else []
+                )
+
+                wanted = [*args.samplers, *variants]
+                todo_all = [
+                    (level, sampler)
+                    for level in levels[setting]
+                    for sampler in wanted
+                    if record_key(diffusion_fields(setting, mode, level, sampler, train_seed))
+                    not in done
+                ]
+                if not todo_all:
                     continue
-                paths = (out / "model.pt", out / "loss.csv", out / "checkpoints")
-                train.run(cfg, source, *paths, stop_after=step)
-                net, meta = checkpoint_model(
-                    out / "checkpoints" / "last.pt", cfg, 2, store.images.shape[-1]
+                config["cohorts"]["demo"]["train_mode"] = mode
+                config["cohorts"]["demo"]["corruption"] = setting
+                config["train"]["seed"] = train_seed
+                out = work / (
+                    f"{mode}_seed{train_seed}"
+                    if setting == "kspace"
+                    else f"{setting}_{mode}_seed{train_seed}"
                 )
-                if 4 not in problems:
-                    op, y, *_ = retrospective(rc, 4, store, holdout, validation, keys, seed)
-                    problems[4] = (op, y)
-                learned, learned_seconds = diffusion_methods(
-                    net, meta, rc | {"samplers": ["dc"]}, *problems[4], seed
-                )
-                keep(
-                    curve,
-                    learned["diffusion_dc"],
-                    learned_seconds["diffusion_dc"],
-                    method="curve",
-                    train_mode=mode,
-                    sampler="dc",
-                    R=4,
-                    seed=train_seed,
-                    step=step,
-                )
-            if not (out / "model.pt").exists():
-                train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
-            net, meta = load_model(out / "model.pt")
-            for accel in args.accelerations:
-                wanted = list(args.samplers)
-                if mode == "ambient":
-                    wanted += [f"dc:{m}" for m in args.inference_masks]
-                todo = [s for s in wanted if ("diffusion", mode, train_seed, accel, s) not in done]
-                if not todo:
-                    continue
-                if accel not in problems:
-                    op, y, *_ = retrospective(rc, accel, store, holdout, validation, keys, seed)
-                    problems[accel] = (op, y)
-                op, y = problems[accel]
-                learned, learned_seconds = diffusion_methods(
-                    net, meta, rc | {"samplers": [t for t in todo if ":" not in t]}, op, y, seed
-                )
-                # The network's operator while reconstructing, measured on ambient models
-                # with the DC sampler: "dc:<inference_mask>".
-                for variant in [t for t in todo if t.startswith("dc:")]:
-                    mask = variant.split(":", 1)[1]
-                    extra, extra_seconds = diffusion_methods(
-                        net, meta, rc | {"samplers": ["dc"], "inference_mask": mask}, op, y, seed
+                source = slices if mode == "clean" else sources[setting]
+                cfg = stage_config(config, "demo", "train")
+                channels = 1 if setting == "pixel" else 2
+                for step in curve_steps if setting == "kspace" else []:
+                    if (mode, train_seed, step) in curve_done or (out / "model.pt").exists():
+                        continue
+                    paths = (out / "model.pt", out / "loss.csv", out / "checkpoints")
+                    train.run(cfg, source, *paths, stop_after=step)
+                    net, meta = checkpoint_model(
+                        out / "checkpoints" / "last.pt", cfg, channels, store.images.shape[-1]
                     )
-                    learned[f"diffusion_{variant}"] = extra["diffusion_dc"]
-                    learned_seconds[f"diffusion_{variant}"] = extra_seconds["diffusion_dc"]
-                for name, images in learned.items():
-                    keep(
-                        records,
-                        images,
-                        learned_seconds[name],
-                        method="diffusion",
-                        train_mode=mode,
-                        sampler=name.removeprefix("diffusion_"),
-                        R=accel,
-                        seed=train_seed,
+                    op, y = problem("kspace", 4)
+                    curve_record(net, meta, rc, op, y, seed, mode, train_seed, step, keep, curve)
+                if not (out / "model.pt").exists():
+                    train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
+                net, meta = load_model(out / "model.pt")
+                if setting == "kspace" and (mode, train_seed, config["train"]["steps"]) not in (
+                    curve_done
+                ):
+                    op, y = problem("kspace", 4)
+                    curve_record(
+                        net, meta, rc, op, y, seed, mode, train_seed, meta["steps"], keep, curve
                     )
-            path = save()
+                for level in levels[setting]:
+                    todo = [s for lv, s in todo_all if lv == level]
+                    if not todo:
+                        continue
+                    op, y = problem(setting, level)
+                    learned, learned_seconds = diffusion_methods(
+                        net, meta, rc | {"samplers": [t for t in todo if ":" not in t]}, op, y, seed
+                    )
+                    # The network's operator while reconstructing, measured on ambient k-space
+                    # models with the DC sampler: "dc:<inference_mask>".
+                    for variant in [t for t in todo if t.startswith("dc:")]:
+                        mask = variant.split(":", 1)[1]
+                        extra, extra_seconds = diffusion_methods(
+                            net,
+                            meta,
+                            rc | {"samplers": ["dc"], "inference_mask": mask},
+                            op,
+                            y,
+                            seed,
+                        )
+                        learned[f"diffusion_{variant}"] = extra["diffusion_dc"]
+                        learned_seconds[f"diffusion_{variant}"] = extra_seconds["diffusion_dc"]
+                    for name, images in learned.items():
+                        sampler = name.removeprefix("diffusion_")
+                        row = diffusion_fields(setting, mode, level, sampler, train_seed)
+                        keep(records, images, learned_seconds[name], **row)
+                path = save()
     print(f"wrote {path}")
     return path
+
+
+def diffusion_fields(setting: str, mode: str, level: float, sampler: str, seed: int) -> dict:
+    """The identifying fields of a diffusion score: ``level`` is R, or p for pixel masks."""
+    pixel = setting == "pixel"
+    return {
+        "method": "diffusion",
+        "train_mode": mode,
+        "corruption": setting,
+        "sampler": sampler,
+        "R": None if pixel else level,
+        "p": level if pixel else None,
+        "coils": NATIVE_COILS if setting == "native" else 1,
+        "seed": seed,
+    }
+
+
+def curve_record(net, meta, rc, op, y, seed, mode, train_seed, step, keep, curve) -> None:
+    """DC and one-step PSNR at R = 4 from one training step's EMA weights and, for ambient
+    models, the median held-back prediction ratio (1: no better than zero-filling)."""
+    rc = rc | {"samplers": ["dc", "one_step"]}
+    learned, seconds = diffusion_methods(net, meta, rc, op, y, seed)
+    held = None
+    if mode == "ambient":
+        held = round(float(np.median(held_back_errors(net, meta, op, y, seed))), 4)
+    for sampler in ("dc", "one_step"):
+        keep(
+            curve,
+            learned[f"diffusion_{sampler}"],
+            seconds[f"diffusion_{sampler}"],
+            method="curve",
+            train_mode=mode,
+            corruption="kspace",
+            coils=1,
+            sampler=sampler,
+            R=4,
+            p=None,
+            seed=train_seed,
+            step=int(step),
+            held_back=held,
+        )
 
 
 if __name__ == "__main__":

@@ -19,27 +19,39 @@ def test_reconstruction_benchmark_short_run_writes_the_contract(tmp_path, monkey
     argv += ["--seeds", "0", "1", "--modes", "ambient", "naive", "--slices-per-volume", "2"]
     argv += ["--accelerations", "4", "--samplers", "dc", "--inference-masks", "fresh"]
     argv += ["--steps", "4", "--curve-steps", "2", "--threads", "1"]
+    argv += ["--settings", "kspace", "pixel", "native"]
     path = reconstruction.main(argv)
     rows = json.loads(path.read_text())["rows"]
     keys = {"method", "train_mode", "corruption", "sampler", "R", "p", "coils", "seeds"}
     keys |= {"volumes", "psnr", "psnr_ci95", "ssim", "ssim_fg", "nrmse", "seconds_per_slice"}
     assert all(set(row) == keys for row in rows)
-    by = {(r["method"], r["train_mode"], r["sampler"]): r for r in rows}
-    assert by[("zero_filled", "", "")]["seeds"] == 1
-    ambient = by[("diffusion", "ambient", "dc")]
-    assert ambient["seeds"] == 2 and ambient["volumes"] == 2 and ambient["corruption"] == "kspace"
+    by = {(r["method"], r["train_mode"], r["corruption"], r["sampler"]): r for r in rows}
+    assert by[("zero_filled", "", "kspace", "")]["seeds"] == 1
+    ambient = by[("diffusion", "ambient", "kspace", "dc")]
+    assert ambient["seeds"] == 2 and ambient["volumes"] == 2 and ambient["coils"] == 1
     low, high = ambient["psnr_ci95"]
     assert low <= ambient["psnr"] <= high
-    assert ("diffusion", "ambient", "dc:fresh") in by
+    assert ("diffusion", "ambient", "kspace", "dc:fresh") in by
     # The paired difference is the difference of the two means.
-    diff = by[("difference", "ambient-naive", "dc")]
-    naive = by[("diffusion", "naive", "dc")]
+    diff = by[("difference", "ambient-naive", "kspace", "dc")]
+    naive = by[("diffusion", "naive", "kspace", "dc")]
     assert np.isclose(diff["psnr"], ambient["psnr"] - naive["psnr"], atol=2e-3)
+    # Pixel masking: inpainting rows at the config's p, with their own baselines.
+    pixel = by[("diffusion", "ambient", "pixel", "dc")]
+    assert pixel["R"] is None and 0 < pixel["p"] < 1
+    assert ("interpolated", "", "pixel", "") in by
+    assert ("difference", "ambient-naive", "pixel", "dc") in by
+    # Natively multi-coil: an ambient model only, tested through the scan's coils beside CS.
+    native = by[("diffusion", "ambient", "native", "dc")]
+    assert native["coils"] == 4 and by[("cs_l1", "", "native", "")]["coils"] == 4
+    assert ("diffusion", "naive", "native", "dc") not in by
     # Resumable: a second run trains nothing new and reproduces the same rows.
     again = json.loads(reconstruction.main(argv).read_text())["rows"]
     assert again == rows
     curve = json.loads((tmp_path / "out" / "reconstruction_curve.json").read_text())["rows"]
-    assert {(r["train_mode"], r["step"]) for r in curve} >= {("ambient", 2), ("ambient", 4)}
+    steps = {(r["train_mode"], r["sampler"], r["step"]) for r in curve}
+    assert steps >= {("ambient", "dc", 2), ("ambient", "one_step", 4), ("naive", "dc", 4)}
+    assert all("held_back_ratio" in r for r in curve if r["train_mode"] == "ambient")
 
 
 def _benchmark(name: str):

@@ -45,11 +45,12 @@ from ambient_med.io.export import write_derived_series, write_png_grid, write_sl
 from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.physics.acquisition import Acquisition
-from ambient_med.physics.masks import derive_seed, further_kspace_mask
+from ambient_med.physics.masks import derive_seed, further_kspace_mask, further_pixel_mask
 from ambient_med.physics.operators import (
     Identity,
     MaskedOperator,
     MultiCoilSense,
+    PixelMask,
     RealImage,
     SingleCoilFourier,
 )
@@ -88,18 +89,26 @@ def network_operator_factory(
     size = int(meta["image_size"])
     choice = rc["inference_mask"]
     lines = getattr(op, "line_mask", None)
-    if (
-        choice == "scan"
-        and meta["mode"] == "ambient"
-        and meta["kind"] == "kspace"
-        and (lines is not None and lines.ndim == 2)
-    ):
+    if choice == "scan" and meta["mode"] == "ambient":
+        if meta["kind"] in ("kspace", "native") and lines is not None and lines.ndim == 2:
+            # B on the scan's own lines, seen as in training: through the scan's coils for a
+            # native (multi-coil) model, single-coil for a k-space model.
+            def from_scan(b: int, step: int) -> MaskedOperator:
+                generator = torch.Generator().manual_seed(derive_seed(seed, "recon-op", step))
+                tilde = further_kspace_mask(lines.bool(), generator)
+                if meta["kind"] == "native":
+                    return _reduced(op, tilde)
+                return SingleCoilFourier(tilde, size)
 
-        def from_scan(b: int, step: int) -> MaskedOperator:
-            generator = torch.Generator().manual_seed(derive_seed(seed, "recon-op", step))
-            return SingleCoilFourier(further_kspace_mask(lines.bool(), generator), size)
+            return from_scan, False
+        if meta["kind"] == "pixel" and isinstance(op, PixelMask):
+            # Inpainting: B hides a further share delta of the scan's own observed pixels.
+            def from_pixels(b: int, step: int) -> MaskedOperator:
+                generator = torch.Generator().manual_seed(derive_seed(seed, "recon-op", step))
+                keep = further_pixel_mask(op.mask.bool(), float(meta["delta"]), generator)
+                return PixelMask(keep)
 
-        return from_scan, False
+            return from_pixels, False
 
     def training_style(b: int, step: int) -> MaskedOperator:
         return inference_operator(meta, b, size, size, derive_seed(seed, "recon-op", step))
@@ -116,7 +125,9 @@ def _diffusion(
     itself ``(B, C, H, W)`` before taking magnitudes."""
     size = int(meta["image_size"])
     channels = int(meta["image_channels"])
-    model_op = RealImage(op) if channels == 1 else op
+    # A prior over real images reconstructs k-space through RealImage; inpainting masks
+    # act on real images already.
+    model_op = RealImage(op) if channels == 1 and not isinstance(op, PixelMask) else op
     batch = y.shape[0]
     if sampler == "one_step":
         mask_op = model_op if meta["mode"] == "ambient" else Identity(batch, size, size)
@@ -572,6 +583,8 @@ def _subset(op: MaskedOperator, idx: np.ndarray) -> MaskedOperator:
     index = torch.from_numpy(idx)
     if isinstance(op, MultiCoilSense):
         return MultiCoilSense(op.line_mask[index], op.maps[index])
+    if isinstance(op, PixelMask):
+        return PixelMask(op.mask[index])
     return SingleCoilFourier(op.line_mask[index], op.height)
 
 
