@@ -245,6 +245,11 @@ def main(argv: list[str] | None = None) -> Path:
         help="train_mode/corruption pairs to train (clean/kspace: clean images, complex model)",
     )
     parser.add_argument("--canaries", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument(
+        "--redo-controls",
+        action="store_true",
+        help="recompute the control rows (they depend on the data and the audit, not on models)",
+    )
     parser.add_argument("--short", action="store_true", help="tiny config, seconds")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -275,6 +280,9 @@ def main(argv: list[str] | None = None) -> Path:
     variants = [tuple(v.split("/")) for v in args.variants]
     rows_path = work / "rows.jsonl"
     rows = load_rows(rows_path)
+    if args.redo_controls:
+        rows = [r for r in rows if r["kind"] != "control"]
+        rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = {
         (model_key(r), r["kind"], r.get("step"), r.get("control"), r.get("canary")) for r in rows
     }
@@ -310,6 +318,19 @@ def main(argv: list[str] | None = None) -> Path:
             mean_blur=audit_cfg["control_mean_blur"],
         )
         base = {"n_train_arg": n_arg, "n_train": n_train}
+        if not any(r["kind"] == "control" and r["n_train_arg"] == n_arg for r in rows):
+            # The controls depend on the training set and the threshold, not on a model.
+            result = memorization_audit(
+                train_images[:1],
+                train_images,
+                holdout_images,
+                audit_cfg["quantile"],
+                holdout_groups=groups,
+                controls=controls,
+                params=params,
+            )
+            for control in result.control_rows():
+                record(base | {"train_mode": "", "seed": -1} | control)
 
         seeds = args.seeds if n_arg and n_arg <= args.all_seeds_up_to else args.seeds[:1]
         for train_seed in seeds:
@@ -350,7 +371,6 @@ def main(argv: list[str] | None = None) -> Path:
                             holdout_images,
                             audit_cfg["quantile"],
                             holdout_groups=groups,
-                            controls=controls if step == args.steps else None,
                             params=params,
                         )
                         summary = result.summary(audit_cfg["quantile"])
@@ -361,10 +381,6 @@ def main(argv: list[str] | None = None) -> Path:
                             }
                             record({"kind": "curve", "step": step} | ident | shown)
                     logging.info("%s: %.1f %% above", name, 100 * summary["frac_above"])
-                    if not any(r["kind"] == "control" and r["n_train_arg"] == n_arg for r in rows):
-                        # The controls depend on the training set and threshold, not the model.
-                        for control in result.control_rows():
-                            record(base | {"train_mode": "", "seed": -1} | control)
                     psnr = float("nan")
                     if channels == 2:
                         # R = 4, single coil, held-out slices with their phase, DC sampler.

@@ -212,6 +212,22 @@ def test_control_images_are_seeded(cohort):
             assert matches and max(map(abs, matches[0])) == distance
 
 
+def test_control_sets_keep_their_size_on_a_small_training_set(cohort):
+    train, _, levels, _ = cohort
+    few, few_levels = train[:5], levels[:5]
+    controls = control_images(few, few_levels, seed=3, n=20)
+    assert all(images.shape == (20, *train.shape[1:]) for images in controls.values())
+    # Every control is made from one of the 5 slices, and a slice drawn twice gets two
+    # different noise draws (fresh realisations, not repeats).
+    sources = [
+        next(i for i in range(5) if np.array_equal(image, few[i])) for image in controls["exact"]
+    ]
+    repeated = [k for k in range(20) if sources.index(sources[k]) != k]
+    assert repeated
+    first = sources.index(sources[repeated[0]])
+    assert not np.array_equal(controls["noise"][first], controls["noise"][repeated[0]])
+
+
 def test_audit_flags_copies_but_not_held_out_slices(cohort):
     train, holdout, _, groups = cohort
     rng = np.random.default_rng(1)

@@ -394,7 +394,10 @@ def control_images(
     """Seeded control sets built from the training slices (the held-out control comes from
     :func:`split_holdout`).
 
-    Positive (copies; must be flagged), from ``n`` training slices drawn without replacement:
+    Positive (copies; must be flagged), from ``n`` training slices drawn without replacement
+    (with replacement when there are fewer than ``n``: each draw gets its own shift and noise,
+    so a small training set still gives ``n`` controls and one unlucky noise draw moves a
+    fraction by 1/n, not by one over the training-set size):
     ``exact``; ``shift1`` / ``shift2``: moved by a random shift whose larger component is 1 / 2
     pixels; ``noise``: plus Gaussian noise of ``noise`` times the slice's 99th percentile;
     ``blur``: Gaussian blur of ``blur`` pixels.
@@ -409,12 +412,12 @@ def control_images(
         seed: the cohort seed; every draw derives from it.
 
     Returns:
-        name → ``(min(n, R), H, W)`` float32 images.
+        name → ``(n, H, W)`` float32 images.
     """
     train = np.asarray(train, dtype=np.float32)
     train_levels = np.asarray(train_levels)
     rng = np.random.default_rng(derive_seed(seed, "audit-controls"))
-    chosen = np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False))
+    chosen = np.sort(rng.choice(len(train), size=n, replace=len(train) < n))
     base = train[chosen]
     peaks = np.percentile(base.reshape(len(base), -1), 99, axis=1)[:, None, None]
     noisy = base + noise * peaks * rng.standard_normal(base.shape).astype(np.float32)
