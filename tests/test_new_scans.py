@@ -97,6 +97,7 @@ def test_new_scans_report_the_prior_gain_and_end_on_their_data(t1_model, tmp_pat
     for scan in scans:
         errors = np.array(scan["held_back_error"])
         assert len(errors) == scan["slices"] and (errors > 0).all()
+        assert len(scan["denoising_error"]) == scan["slices"]
         assert scan["prior_gain"] == pytest.approx(1 - np.median(errors), abs=1e-3)
         assert {"domain_shift_score", "domain_shift_threshold", "out_of_distribution"} <= set(scan)
         flagged = scan["out_of_distribution"] or scan["prior_gain"] <= 0
@@ -108,17 +109,39 @@ def test_new_scans_report_the_prior_gain_and_end_on_their_data(t1_model, tmp_pat
         for method, residuals in scan["residual"].items():
             assert len(residuals) == scan["slices"]
             assert (np.array(residuals) <= floor + 1e-3).all(), method
+    # The T1-weighted model knows a T1-weighted head of a new subject, and not a T2-weighted
+    # one: the warning fires on the other contrast only.
+    t1, t2 = scans
+    print({s["scan"]: (s["domain_shift_score"], s["domain_shift_threshold"]) for s in scans})
+    assert not t1["out_of_distribution"] and t2["out_of_distribution"]
+    assert t2["domain_shift_score"] > t1["domain_shift_score"]
+    assert any(m.startswith("new001: unlike the training cohort") for m in warnings)
 
 
 def test_shift_verdict_flags_a_scan_beyond_the_cohort():
     rng = np.random.default_rng(0)
-    reference = 0.6 + 0.05 * rng.standard_normal(200)  # the cohort: the prior predicts 40 %
-    inside = reconstruct.shift_verdict(0.6 + 0.05 * rng.standard_normal(12), reference)
-    beyond = reconstruct.shift_verdict(np.full(12, 0.95), reference)
-    assert not inside["out_of_distribution"] and beyond["out_of_distribution"]
+    # The cohort: the prior predicts 40 % of held-back energy and leaves 20 % of the noise.
+    reference = {
+        "held_back": 0.6 + 0.05 * rng.standard_normal(200),
+        "denoising": 0.2 + 0.02 * rng.standard_normal(200),
+    }
+
+    def scan(held_back: float, denoising: float) -> dict[str, np.ndarray]:
+        return {
+            "held_back": held_back + 0.05 * rng.standard_normal(12),
+            "denoising": denoising + 0.02 * rng.standard_normal(12),
+        }
+
+    inside = reconstruct.shift_verdict(scan(0.6, 0.2), reference)
+    unlike = reconstruct.shift_verdict(scan(0.6, 0.4), reference)  # denoised worse
+    unhelped = reconstruct.shift_verdict(scan(0.95, 0.2), reference)  # predicted worse
+    assert not inside["out_of_distribution"]
+    assert unlike["out_of_distribution"] and unhelped["out_of_distribution"]
     assert inside["prior_gain"] == pytest.approx(0.4, abs=0.05)
-    assert beyond["domain_shift_score"] == pytest.approx(0.95 / 0.6, rel=0.05)
-    assert reconstruct.shift_verdict(np.full(3, 1.1), None) == {"prior_gain": -0.1}
+    assert unlike["domain_shift_score"] == pytest.approx(0.4 / 0.2, rel=0.1)
+    assert unhelped["held_back_shift_score"] == pytest.approx(0.95 / 0.6, rel=0.1)
+    alone = {"held_back": np.full(3, 1.1), "denoising": np.full(3, 0.5)}
+    assert reconstruct.shift_verdict(alone, None) == {"prior_gain": -0.1}
 
 
 def _real_slices() -> dict[str, np.ndarray]:

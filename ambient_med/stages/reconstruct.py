@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ambient_med.diffusion.model import build_ddim
+from ambient_med.diffusion.model import build_ddim, sigma_of
 from ambient_med.diffusion.samplers import one_step_reconstruction, posterior_sample
 from ambient_med.diffusion.training import inference_operator
 from ambient_med.errors import AmbientMedError
@@ -266,6 +266,9 @@ def diffusion_methods(
 # so that what is scored is the prior's prediction of lines the network does not see.
 HELD_BACK_LEVEL = 0.02
 HELD_BACK_DRAWS = 4
+# Noise level (EDM σ, model intensity scale) of the denoising score: high enough that the
+# answer leans on what the prior knows, low enough that the anatomy still shows through.
+DENOISING_SIGMA = 0.3
 # Slices of the cohort's hold-out subjects the shift score is calibrated on.
 SHIFT_REFERENCE_SLICES = 24
 
@@ -275,6 +278,14 @@ def _reduced(op: MaskedOperator, line_mask: torch.Tensor) -> MaskedOperator:
     if isinstance(op, MultiCoilSense):
         return MultiCoilSense(line_mask, op.maps)
     return SingleCoilFourier(line_mask, op.height)
+
+
+def _prediction(net, meta, op_tilde: MaskedOperator, y: torch.Tensor, t: int, noise):
+    """x̂0 of the network shown ``y`` through Ã (``op_tilde``) at noise level ``t``, as in
+    training: z = Ã^H(sqrt(ᾱ_t) y + sqrt(1 − ᾱ_t) Ã ε)."""
+    abar = float(build_ddim(meta["scheduler"], 1).alphas_cumprod[t])
+    z = op_tilde.A_adjoint(abar**0.5 * y + (1.0 - abar) ** 0.5 * op_tilde.A(noise))
+    return net(z, op_tilde.mask_image(), torch.full((len(y),), t, dtype=torch.long)).float()
 
 
 @torch.no_grad()
@@ -289,29 +300,54 @@ def held_back_errors(
     predicts unmeasured k-space better than zero-filling does; at 1 or above it adds nothing on
     this scan. Needs no clean image. Ambient models only (others never saw a masked input).
     """
-    steps = int(meta["scheduler"]["num_train_timesteps"])
-    t = max(1, int(round(HELD_BACK_LEVEL * steps)))
-    abar = float(build_ddim(meta["scheduler"], 1).alphas_cumprod[t])
+    t = max(1, int(round(HELD_BACK_LEVEL * int(meta["scheduler"]["num_train_timesteps"]))))
     generator = torch.Generator().manual_seed(derive_seed(seed, "held-back"))
     scores = torch.zeros(len(y))
     for _ in range(HELD_BACK_DRAWS):
         op_tilde = _reduced(op, further_kspace_mask(op.line_mask, generator))
         shape = (len(y), int(meta["image_channels"]), *op.mask_image().shape[-2:])
         noise = torch.randn(shape, generator=generator)
-        z = op_tilde.A_adjoint(abar**0.5 * y + (1.0 - abar) ** 0.5 * op_tilde.A(noise))
-        x0 = net(z, op_tilde.mask_image(), torch.full((len(y),), t, dtype=torch.long)).float()
-        residual = op.A(x0) - y
+        residual = op.A(_prediction(net, meta, op_tilde, y, t, noise)) - y
         held = op.observed(residual) * (1.0 - op_tilde.observed(residual))
         energy = (y.square() * held).flatten(1).sum(1).clamp(min=1e-12)
         scores += (residual.square() * held).flatten(1).sum(1) / energy
     return (scores / HELD_BACK_DRAWS).numpy()
 
 
+@torch.no_grad()
+def denoising_errors(
+    net, meta: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
+) -> np.ndarray:
+    """``(B,)`` the share of injected noise the model leaves on each slice's measured entries.
+
+    The scan's own measurements get noise of EDM level :data:`DENOISING_SIGMA` (on the
+    model's intensity scale) on every acquired line, as in training with Ã = A; the score is
+    ‖A x̂0 − y‖² / (σ² · number of measured entries), averaged over :data:`HELD_BACK_DRAWS`
+    noise draws: about 1 for a denoiser that returns its input, lower the better the prior
+    knows images like this one. Unlike the held-back error it does not need the prior to
+    predict unmeasured lines, only to know the anatomy and contrast it sees, so it tells a
+    scan unlike the cohort apart even from a young model. Ambient models only.
+    """
+    abar = build_ddim(meta["scheduler"], 1).alphas_cumprod
+    t = int((sigma_of(abar) - DENOISING_SIGMA).abs().argmin())
+    sigma2 = float(sigma_of(abar[t : t + 1]).square())
+    generator = torch.Generator().manual_seed(derive_seed(seed, "denoising"))
+    scores = torch.zeros(len(y))
+    for _ in range(HELD_BACK_DRAWS):
+        shape = (len(y), int(meta["image_channels"]), *op.mask_image().shape[-2:])
+        noise = torch.randn(shape, generator=generator)
+        residual = op.A(_prediction(net, meta, op, y, t, noise)) - y
+        measured = op.observed(residual)
+        count = measured.flatten(1).sum(1).clamp(min=1.0)
+        scores += (residual.square() * measured).flatten(1).sum(1) / (sigma2 * count)
+    return (scores / HELD_BACK_DRAWS).numpy()
+
+
 def shift_reference(
     net, meta, cfg: dict[str, Any], store, coils: int, acceleration: float
-) -> np.ndarray | None:
-    """:func:`held_back_errors` of the cohort's own hold-out slices, acquired as the new scan
-    was (``coils``, R = ``acceleration``) by the shared simulator; None without clean hold-out
+) -> dict[str, np.ndarray] | None:
+    """:func:`prior_scores` of the cohort's own hold-out slices, acquired as the new scan was
+    (``coils``, R = ``acceleration``) by the shared simulator; None without clean hold-out
     slices."""
     rows = spread_rows(store.index.rows("holdout"), SHIFT_REFERENCE_SLICES)
     if len(rows) == 0:
@@ -321,7 +357,18 @@ def shift_reference(
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
     acq = acquisition(rc, acceleration, store.images.shape[-1], seed)
     op, y = undersample(acq, store, rows, keys, "domain-shift-reference")
-    return held_back_errors(net, meta, op, y, seed)
+    return prior_scores(net, meta, op, y, seed)
+
+
+def prior_scores(
+    net, meta: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
+) -> dict[str, np.ndarray]:
+    """Per slice, :func:`held_back_errors` (``held_back``) and :func:`denoising_errors`
+    (``denoising``) of a scan."""
+    return {
+        "held_back": held_back_errors(net, meta, op, y, seed),
+        "denoising": denoising_errors(net, meta, op, y, seed),
+    }
 
 
 def sampler_trust(
@@ -349,25 +396,31 @@ def sampler_trust(
     return trust
 
 
-def shift_verdict(errors: np.ndarray, reference: np.ndarray | None) -> dict[str, Any]:
-    """The verdict on a scan from its slices' :func:`held_back_errors`.
+def shift_verdict(
+    scores: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None
+) -> dict[str, Any]:
+    """The verdict on a scan from its slices' :func:`prior_scores`.
 
-    ``prior_gain``: 1 − their median, the share of unmeasured k-space energy the prior
-    predicts (≤ 0: it cannot help here). With ``reference`` (the cohort's hold-out acquired
-    alike): ``domain_shift_score``, the scan's median over the reference median, and
-    ``out_of_distribution`` when the scan's median exceeds the reference's 95th percentile
-    (``domain_shift_threshold``, as the same ratio).
+    ``prior_gain``: 1 − the median held-back error, the share of unmeasured k-space energy the
+    prior predicts (≤ 0: it cannot help here). With ``reference`` (the same scores of the
+    cohort's hold-out acquired alike), per statistic the scan's median over the reference
+    median — ``domain_shift_score`` (denoising) and ``held_back_shift_score`` — with the
+    reference's 95th percentile as the same ratio (``..._threshold``); ``out_of_distribution``
+    when either median exceeds its reference's 95th percentile.
     """
-    median = float(np.median(errors))
-    verdict: dict[str, Any] = {"prior_gain": round(1.0 - median, 4)}
-    if reference is not None:
-        base = float(np.median(reference))
-        verdict |= {
-            "domain_shift_score": round(median / base, 4),
-            "domain_shift_threshold": round(float(np.quantile(reference, 0.95)) / base, 4),
-            "reference_prior_gain": round(1.0 - base, 4),
-        }
-        verdict["out_of_distribution"] = bool(median > float(np.quantile(reference, 0.95)))
+    held_back = float(np.median(scores["held_back"]))
+    verdict: dict[str, Any] = {"prior_gain": round(1.0 - held_back, 4)}
+    if reference is None:
+        return verdict
+    beyond = False
+    for name, key in (("denoising", "domain_shift"), ("held_back", "held_back_shift")):
+        median, base = float(np.median(scores[name])), float(np.median(reference[name]))
+        limit = float(np.quantile(reference[name], 0.95))
+        verdict[f"{key}_score"] = round(median / base, 4)
+        verdict[f"{key}_threshold"] = round(limit / base, 4)
+        beyond |= median > limit
+    verdict["reference_prior_gain"] = round(1.0 - float(np.median(reference["held_back"])), 4)
+    verdict["out_of_distribution"] = bool(beyond)
     return verdict
 
 
@@ -446,8 +499,9 @@ def reconstruct_new_files(
                 complex_images[method] = guarded.numpy()
                 learned[method] = magnitude(guarded)
         if meta["mode"] == "ambient" and meta["image_channels"] == 2:
-            errors = held_back_errors(net, meta, op, y, seed)
-            report["held_back_error"] = [round(float(e), 4) for e in errors]
+            scores = prior_scores(net, meta, op, y, seed)
+            report["held_back_error"] = [round(float(e), 4) for e in scores["held_back"]]
+            report["denoising_error"] = [round(float(e), 4) for e in scores["denoising"]]
         results |= learned
         # Zero-filled A^H y is the floor: with estimated coil maps no image fits every coil's
         # lines exactly, so what a sampler must not do is land further from them.
@@ -459,15 +513,17 @@ def reconstruct_new_files(
             setting = (int(kspace.shape[1]), rate)
             if store is not None and setting not in references:
                 references[setting] = shift_reference(net, meta, cfg, store, *setting)
-            report |= shift_verdict(errors, references.get(setting))
+            report |= shift_verdict(scores, references.get(setting))
             if report.get("out_of_distribution"):
                 log.warning(
-                    "%s: unlike the training cohort (the prior predicts its unmeasured lines "
-                    "%.2f× worse than the cohort hold-out's, threshold %.2f×); every "
-                    "reconstruction still ends on its measurements",
+                    "%s: unlike the training cohort (the prior denoises it %.2f× worse than the "
+                    "cohort hold-out, threshold %.2f×; predicts its held-back lines %.2f× worse, "
+                    "threshold %.2f×); every reconstruction still ends on its measurements",
                     name,
                     report["domain_shift_score"],
                     report["domain_shift_threshold"],
+                    report["held_back_shift_score"],
+                    report["held_back_shift_threshold"],
                 )
             if report["prior_gain"] <= 0:
                 log.warning(
