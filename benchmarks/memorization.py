@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="recompute the control rows (they depend on the data and the audit, not on models)",
     )
+    parser.add_argument(
+        "--reaudit",
+        action="store_true",
+        help="re-audit the trained models' final samples (after a change to the audit); rows "
+        "of earlier steps keep the threshold they were measured with",
+    )
     parser.add_argument("--short", action="store_true", help="tiny config, seconds")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -280,8 +286,14 @@ def main(argv: list[str] | None = None) -> Path:
     variants = [tuple(v.split("/")) for v in args.variants]
     rows_path = work / "rows.jsonl"
     rows = load_rows(rows_path)
-    if args.redo_controls:
-        rows = [r for r in rows if r["kind"] != "control"]
+    if args.redo_controls or args.reaudit:
+        stale = {"control"} | ({"model"} if args.reaudit else set())
+        rows = [
+            r
+            for r in rows
+            if r["kind"] not in stale
+            and not (args.reaudit and r["kind"] == "curve" and r["step"] == args.steps)
+        ]
         rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = {
         (model_key(r), r["kind"], r.get("step"), r.get("control"), r.get("canary")) for r in rows

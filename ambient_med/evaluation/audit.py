@@ -443,7 +443,7 @@ class AuditResult:
     (the band-pass copy statistic unless ``method`` says otherwise).
 
     Attributes:
-        threshold: ``quantile`` of ``holdout_ncc``.
+        threshold: :func:`conformal_threshold` of ``holdout_ncc`` at ``quantile``.
         sample_ncc: ``(N,)`` samples' nearest-training score; ``sample_index`` ``(N,)`` which.
         holdout_ncc: ``(C,)`` the calibration half of the held-out slices.
         control_ncc: control name → its images' nearest-training scores (``holdout``: the
@@ -506,6 +506,20 @@ class AuditResult:
         return record
 
 
+def conformal_threshold(scores: np.ndarray, quantile: float) -> float:
+    """The split-conformal threshold of calibration ``scores`` ``(n,)``: their ⌈(n + 1) q⌉-th
+    smallest value (the largest when that rank exceeds n). A new score exchangeable with the
+    calibration scores exceeds it with probability at most 1 − q (at most 1 / (n + 1) when
+    capped), whatever their distribution. ``np.quantile``'s interpolated value sits lower on
+    a finite set: on the 67-slice calibration half of the 32² benchmark cohort it flagged
+    3 % of the other half at q = 0.99."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(ordered) == 0:
+        raise AmbientMedError("audit: no calibration score")
+    rank = min(len(ordered), int(np.ceil((len(ordered) + 1) * quantile)))
+    return float(ordered[max(rank, 1) - 1])
+
+
 def memorization_audit(
     samples: np.ndarray,
     train: np.ndarray,
@@ -518,8 +532,9 @@ def memorization_audit(
     method: str = "bandpass",
 ) -> AuditResult:
     """Nearest-training score of every sample and every control; the threshold is the
-    ``quantile`` of the same score for the calibration half of the held-out slices (whole
-    subjects never trained on); the other half is the ``holdout`` negative control.
+    conformal ``quantile`` (:func:`conformal_threshold`) of the same score for the calibration
+    half of the held-out slices (whole subjects never trained on); the other half is the
+    ``holdout`` negative control.
 
     Args:
         samples: ``(N, H, W)`` generated magnitudes.
@@ -543,7 +558,7 @@ def memorization_audit(
         raise AmbientMedError(f"audit: unknown statistic {method!r}")
     calibration, control = split_holdout(len(holdout), holdout_groups)
     holdout_ncc, _ = nearest(holdout[calibration])
-    threshold = float(np.quantile(holdout_ncc, quantile))
+    threshold = conformal_threshold(holdout_ncc, quantile)
     sample_ncc, sample_index = nearest(samples)
     control_ncc = {"holdout": nearest(holdout[control])[0]}
     for name, images in (controls or {}).items():

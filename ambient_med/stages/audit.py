@@ -2,17 +2,17 @@
 
 For every generated sample, the band-pass copy statistic against its nearest training image
 (:mod:`ambient_med.evaluation.audit`: anatomy inside the brain mask, gain and offset removed,
-best over shifts of up to ``audit.max_shift`` pixels); the threshold is the ``audit.quantile``
-of the same statistic for one half of the held-out subjects' slices (interleaved by slice
-within each subject) against the training set. Controls show, in every run, that the audit
-can tell a copy: modified training slices must be flagged and non-copies must not. Where the
-cohort has no clean image (undersampled raw k-space), the audit compares against what
-exists — the zero-filled training inputs — and says so in ``reference``.
+best over shifts of up to ``audit.max_shift`` pixels); the threshold is the split-conformal
+``audit.quantile`` of the same statistic for one half of the held-out subjects' slices
+(interleaved by slice within each subject) against the training set. Controls show, in every
+run, that the audit can tell a copy: modified training slices must be flagged and non-copies
+must not. Where the cohort has no clean image (undersampled raw k-space), the audit compares
+against what exists — the zero-filled training inputs — and says so in ``reference``.
 
 Keys of memorization.json: cohort, mode, kind, reference, n_train, statistic, threshold,
 threshold_quantile, frac_above (fraction of samples above the threshold), n_samples, q50,
 q95, q99, max (of the samples' nearest-training statistic), holdout_q50/q95/q99,
-holdout_frac_above (of the calibration half itself, ≈ 1 - quantile), n_holdout (its size);
+holdout_frac_above (of the calibration half itself, ≤ 1 - quantile), n_holdout (its size);
 control_<name>_flagged per control, controls_passed (every control met its target) and
 ``controls``: rows ``{kind: "control", control, flagged_fraction, n, expected, passed}``.
 Positive controls (``expected: flagged``, target ≥ 95 %): ``exact``, ``shift1``, ``shift2``,
