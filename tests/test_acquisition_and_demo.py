@@ -7,13 +7,21 @@ import pytest
 import torch
 from conftest import DEMO_VOXEL_MM
 
+from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.metrics import (
     bootstrap_ci,
     foreground_mask,
     per_volume_metrics,
     volume_metrics,
 )
-from ambient_med.io.demo import _load, load_template, synthesize_subject, template_path
+from ambient_med.io.demo import (
+    _load,
+    load_template,
+    posed,
+    subject_orientation,
+    synthesize_subject,
+    template_path,
+)
 from ambient_med.physics.acquisition import Acquisition, complex_slices, smooth_phase
 from ambient_med.physics.operators import SingleCoilFourier, fft2c, to_complex
 
@@ -104,6 +112,23 @@ def test_contrasts_reorder_tissue_intensities(tissues):
     t2 = synthesize_subject(tissues, 5, 4.0, "t2w")[1].intensities
     assert t1["wm"] > t1["gm"] > t1["csf"]
     assert t2["csf"] > t2["gm"] > t2["wm"]
+
+
+def test_poses_put_each_anatomical_plane_on_the_slice_axis(tissues):
+    volume = synthesize_subject(tissues, 5, 4.0)[0]
+    x, y, z = volume.shape
+    coronal, sagittal = posed(volume, "coronal"), posed(volume, "sagittal")
+    assert posed(volume, "axial").shape == (x, y, z)
+    assert coronal.shape == (x, z, y) and sagittal.shape == (y, z, x)
+    # Slice k of the posed volume is the anatomical plane k: constant y, constant x.
+    np.testing.assert_array_equal(coronal[..., 7], volume[:, 7, :])
+    np.testing.assert_array_equal(sagittal[..., 7], volume[7, :, :])
+    chosen = [subject_orientation("mixed", 1234, s) for s in range(12)]
+    assert set(chosen) == {"axial", "coronal", "sagittal"}
+    assert chosen == [subject_orientation("mixed", 1234, s) for s in range(12)]
+    assert subject_orientation("coronal", 1234, 3) == "coronal"
+    with pytest.raises(AmbientMedError, match="demo.orientation"):
+        subject_orientation("oblique", 1234, 0)
 
 
 def test_volume_metrics_match_a_hand_computation():

@@ -3,7 +3,8 @@
 What it is: subjects synthesised from the tissue probability maps that ship inside nilearn's
 wheel (the ICBM 2009a nonlinear symmetric T1, grey- and white-matter maps), in the manner of
 SynthSeg (Billot et al., 2023): a strong random affine + elastic deformation, random
-per-tissue intensities (T1w-like by default; T2w- and PD-like available), partial-volume
+per-tissue intensities (T1w-like by default; T2w- and PD-like available, or a mix), a pose
+that puts axial (default), coronal or sagittal planes on the slice axis, partial-volume
 mixing, a unique set of lesions per subject, a blurred point-spread function, a bias field
 and a Rician noise floor, so that the background is not exactly zero. The undeformed
 template is never a subject. What it is not: real scans. It exercises the whole workflow and
@@ -333,6 +334,37 @@ def subject_contrast(contrast: str, seed: int, subject: int) -> str:
     return names[derive_seed(seed, "demo-contrast", subject) % len(names)]
 
 
+# Which canonical axis lies along the written volume's slice axis, per plane: the head is
+# posed so that an axial reader of the file sees that anatomical plane.
+ORIENTATIONS: dict[str, tuple[int, int, int]] = {
+    "axial": (0, 1, 2),  # slices of constant z: x right, y anterior
+    "coronal": (0, 2, 1),  # constant y: x right, z superior
+    "sagittal": (1, 2, 0),  # constant x: y anterior, z superior
+}
+
+
+def subject_orientation(orientation: str, seed: int, subject: int) -> str:
+    """The slice plane of demo subject ``subject``: the configured one, or a seeded choice per
+    subject for ``"mixed"``."""
+    if orientation != "mixed":
+        if orientation not in ORIENTATIONS:
+            raise AmbientMedError(
+                f"config key 'demo.orientation': {orientation!r} is not one of "
+                f"{[*ORIENTATIONS, 'mixed']}"
+            )
+        return orientation
+    names = sorted(ORIENTATIONS)
+    return names[derive_seed(seed, "demo-orientation", subject) % len(names)]
+
+
+def posed(volume: np.ndarray, orientation: str) -> np.ndarray:
+    """``volume`` (X, Y, Z, RAS) turned so that the planes of ``orientation`` lie along its
+    last axis — the subject's head posed in the scanner so that an axial reading of the file
+    shows coronal or sagittal anatomy (domain randomisation of the slice plane, as SynthSeg
+    randomises pose). The voxels stay isotropic, so the file's affine still fits."""
+    return np.ascontiguousarray(np.transpose(volume, ORIENTATIONS[orientation]))
+
+
 def write_demo_cohort(
     out_dir: Path,
     subjects: int,
@@ -340,17 +372,21 @@ def write_demo_cohort(
     dicom_every: int,
     seed: int,
     contrast: str = "t1w",
+    orientation: str = "axial",
 ):
     """Writes the demo inputs into ``out_dir`` (atomically: a temporary folder, then a rename).
 
     Subject ``s`` is :func:`pseudo_subject` with seed ``seed + s``; none is the template.
+    ``contrast`` and ``orientation`` (``axial``, ``coronal``, ``sagittal`` or ``mixed``, a
+    seeded choice per subject) set what each subject's slices show.
 
     Returns:
         One ``(relative path, format)`` per written subject.
     """
     tissues, affine = load_template(voxel_mm)
     written = []
-    for subject, volume, tmp in _subjects(out_dir, tissues, subjects, voxel_mm, seed, contrast):
+    pose = (subjects, voxel_mm, seed, contrast, orientation)
+    for subject, volume, tmp in _subjects(out_dir, tissues, *pose):
         if (subject + 1) % dicom_every == 0:
             name = f"series_{subject:02d}"
             write_dicom_series(tmp / name, volume, affine, subject, seed)
@@ -372,6 +408,7 @@ def write_demo_raw_cohort(
     acceleration: float = 4,
     center_fraction: float = 0.08,
     min_foreground: float = 0.15,
+    orientation: str = "axial",
 ) -> list[tuple[str, str]]:
     """Writes the demo subjects as a scanner would have stored an undersampled acquisition:
     one fastMRI-style file per subject (``scan_SS.h5``), multi-coil k-space of its axial
@@ -386,7 +423,8 @@ def write_demo_raw_cohort(
     tissues, _ = load_template(voxel_mm)
     masks = LineMaskFunc([center_fraction], [acceleration], "equispaced")
     written = []
-    for subject, volume, tmp in _subjects(out_dir, tissues, subjects, voxel_mm, seed, contrast):
+    pose = (subjects, voxel_mm, seed, contrast, orientation)
+    for subject, volume, tmp in _subjects(out_dir, tissues, *pose):
         axial = np.moveaxis(volume, 2, 0).astype(np.float32)  # (slices, x, y)
         covered = (axial > 0.1 * axial.max()).mean(axis=(1, 2))
         axial = axial[covered >= min_foreground]
@@ -405,6 +443,7 @@ def _subjects(
     voxel_mm: float,
     seed: int,
     contrast: str,
+    orientation: str = "axial",
 ) -> Iterator[tuple[int, np.ndarray, Path]]:
     """``(subject, volume, folder to write into)`` for every demo subject; the folder is a
     temporary sibling of ``out_dir`` that replaces it once every subject is written."""
@@ -415,7 +454,8 @@ def _subjects(
     tmp.mkdir(parents=True)
     for subject in range(subjects):
         kind = subject_contrast(contrast, seed, subject)
-        yield subject, pseudo_subject(tissues, seed + subject, voxel_mm, kind), tmp
+        volume = pseudo_subject(tissues, seed + subject, voxel_mm, kind)
+        yield subject, posed(volume, subject_orientation(orientation, seed, subject)), tmp
     if out_dir.exists():
         _rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -25,6 +25,7 @@ def run(cfg: dict[str, Any], output: Path) -> None:
             contrast=demo["contrast"],
             acceleration=kspace["acceleration"],
             center_fraction=kspace["center_fraction"],
+            orientation=demo["orientation"],
         )
         for name, kind in written:
             log.info("wrote %s (%s)", name, kind)
@@ -36,6 +37,7 @@ def run(cfg: dict[str, Any], output: Path) -> None:
         dicom_every=demo["dicom_every"],
         seed=cfg["cohort"]["seed"],
         contrast=demo["contrast"],
+        orientation=demo["orientation"],
     )
     for name, kind in written:
         log.info("wrote %s (%s)", name, kind)
