@@ -125,6 +125,57 @@ def curve_rows(records: list[dict], total: int) -> list[dict]:
     return rows
 
 
+def curve_png(path: Path, rows: list[dict], records: list[dict]) -> None:
+    """PSNR at R = 4 over training steps, one line per mode and sampler (left), beside the
+    zero-filled and CS level of the same slices; the ambient model's held-back prediction
+    ratio over the same steps (right: 1 = predicts no unmeasured k-space)."""
+    from ambient_med.evaluation.figures import new_figure, save_figure
+
+    figure = new_figure(11.0, 4.2)
+    psnr_ax, held_ax = figure.subplots(1, 2)
+    lines = sorted({(r["train_mode"], r["sampler"]) for r in rows if r["train_mode"] in MODES})
+    for mode, sampler in lines:
+        points = sorted(
+            (r["step"], r["psnr"])
+            for r in rows
+            if (r["train_mode"], r["sampler"]) == (mode, sampler)
+        )
+        style = "-" if sampler == "dc" else "--"
+        steps, values = np.array(points).T
+        psnr_ax.plot(
+            steps,
+            values,
+            style,
+            marker="o",
+            color=f"C{MODES.index(mode)}",
+            label=f"{mode} {sampler}",
+        )
+    for method, colour in (("zero_filled", "0.4"), ("cs_l1", "0.7")):
+        level = [
+            r["psnr"]
+            for r in records
+            if r["method"] == method and r["corruption"] == "kspace" and r["R"] == 4
+        ]
+        if level:
+            psnr_ax.axhline(float(np.mean(level)), color=colour, linestyle=":", label=method)
+    psnr_ax.set(xlabel="training step", ylabel="PSNR at R = 4 [dB]", title="hold-out, 1 coil")
+    psnr_ax.legend(fontsize=7)
+    held = sorted(
+        (r["step"], r["held_back_ratio"])
+        for r in rows
+        if r["train_mode"] == "ambient" and r["sampler"] == "dc" and "held_back_ratio" in r
+    )
+    if held:
+        held_ax.plot(*np.array(held).T, marker="o", color="C0")
+        held_ax.axhline(1.0, color="0.4", linestyle=":")
+    held_ax.set(
+        xlabel="training step",
+        ylabel="held-back error / held-back energy",
+        title="ambient: unmeasured k-space predicted (lower is better)",
+    )
+    save_figure(figure, path)
+
+
 def _table(values: dict[tuple[int, int], float]) -> np.ndarray:
     seeds = sorted({s for s, _ in values})
     volumes = sorted({v for _, v in values})
@@ -417,7 +468,10 @@ def main(argv: list[str] | None = None) -> Path:
         path = write_results("reconstruction", started, rows, results_dir)
         total = config["train"]["steps"]
         if curve:
-            write_results("reconstruction_curve", started, curve_rows(curve, total), results_dir)
+            rows_curve = curve_rows(curve, total)
+            write_results("reconstruction_curve", started, rows_curve, results_dir)
+            suffix_png = ".gpu.png" if machine_kind() == "gpu" else ".png"
+            curve_png(results_dir / f"reconstruction_curve{suffix_png}", rows_curve, records)
         suffix = ".gpu.md" if machine_kind() == "gpu" else ".md"
         write_markdown(rows, results_dir / f"reconstruction{suffix}", note)
         return path

@@ -52,6 +52,7 @@ def test_reconstruction_benchmark_short_run_writes_the_contract(tmp_path, monkey
     steps = {(r["train_mode"], r["sampler"], r["step"]) for r in curve}
     assert steps >= {("ambient", "dc", 2), ("ambient", "one_step", 4), ("naive", "dc", 4)}
     assert all("held_back_ratio" in r for r in curve if r["train_mode"] == "ambient")
+    assert (tmp_path / "out" / "reconstruction_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _benchmark(name: str):
