@@ -115,3 +115,19 @@ def test_training_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch)
     assert ddp[2]["efficiency"] == pytest.approx(
         ddp[1]["seconds_per_step"] / (2 * ddp[2]["seconds_per_step"]), rel=0.01
     )
+
+
+def test_robust_prior_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    robust_prior = _benchmark("robust_prior")
+    argv = ["--short", "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "out")]
+    argv += ["--steps", "4", "--subjects", "4", "--threads", "1"]
+    rows = json.loads(robust_prior.main(argv).read_text())["rows"]
+    scans = {"t1_anatomical", "epi_b0", "t2_spin_echo", *robust_prior.NEW_HEADS}
+    assert {(r["model"], r["scan"]) for r in rows} == {
+        (model, scan) for model in robust_prior.MODELS for scan in scans
+    }
+    for row in rows:
+        assert set(row["psnr"]) == set(robust_prior.METHODS)
+        assert np.isfinite(list(row["psnr"].values())).all()
+        assert {"domain_shift_score", "out_of_distribution", "prior_gain"} <= set(row)

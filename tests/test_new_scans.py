@@ -5,27 +5,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import sys
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
-import torch
-import torch.nn.functional as F
-from conftest import tiny_config
-from pydicom.data import get_testdata_file
+from conftest import REPO, tiny_config
 
 from ambient_med.config import stage_config
-from ambient_med.io.demo import (
-    load_template,
-    pseudo_subject,
-    simulate_multicoil_kspace,
-    write_fastmri,
-)
-from ambient_med.io.kspace import fit_kspace
-from ambient_med.physics.masks import LineMaskFunc
 from ambient_med.stages import corrupt, ingest, reconstruct, train
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+try:
+    # The new scans of the robust-prior benchmark: real MR slices shipped with nibabel and
+    # pydicom, demo heads no cohort holds, and how a scanner file is made of them.
+    import robust_prior
+finally:
+    sys.path.remove(str(REPO / "benchmarks"))
 
 TRAIN_STEPS = 300
 SAMPLERS = ["dc", "dps", "one_step"]
@@ -51,16 +47,6 @@ def t1_model(demo_dir, tmp_path_factory):
     return out
 
 
-def _write_scan(folder, name: str, slices: np.ndarray, seed: int) -> np.ndarray:
-    """Magnitude slices → 4-coil k-space with a smooth phase, R = 4, written as a
-    fastMRI file; returns the fully sampled k-space (the reference the file never holds)."""
-    kspace = simulate_multicoil_kspace(slices.astype(np.float32), coils=4, seed=seed)
-    width = kspace.shape[-1]
-    line_mask = LineMaskFunc([0.2], [4], "equispaced")(width, seed)
-    write_fastmri(folder / f"{name}.h5", kspace, line_mask)
-    return kspace
-
-
 def _reconstruct(model_dir, folder, tmp_path, cfg) -> dict:
     cfg["reconstruct"]["input"] = str(folder)
     files = tmp_path / "files"
@@ -74,21 +60,11 @@ def _reconstruct(model_dir, folder, tmp_path, cfg) -> dict:
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
-def _demo_head(contrast: str) -> np.ndarray:
-    """Axial slices of a demo subject the model never saw, ``(S, 32, 32)``."""
-    tissues, _ = load_template(3.0)
-    volume = pseudo_subject(tissues, 4242, 3.0, contrast)
-    planes = torch.from_numpy(np.moveaxis(volume, 2, 0)[:, None].astype(np.float32))
-    planes = F.interpolate(planes, size=(32, 32), mode="bilinear", antialias=True)[:, 0].numpy()
-    covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.3
-    return planes[covered][::4]
-
-
 def test_new_scans_report_the_prior_gain_and_end_on_their_data(t1_model, tmp_path, caplog):
     folder = tmp_path / "new"
     folder.mkdir()
-    _write_scan(folder, "a_t1", _demo_head("t1w"), seed=1)
-    _write_scan(folder, "b_t2", _demo_head("t2w"), seed=2)
+    robust_prior.write_scan(folder, "a_t1", robust_prior.demo_head("t1w", "axial", 32), seed=1)
+    robust_prior.write_scan(folder, "b_t2", robust_prior.demo_head("t2w", "axial", 32), seed=2)
     with caplog.at_level(logging.WARNING):
         metrics = _reconstruct(t1_model, folder, tmp_path, _config())
     scans = metrics["new_scans"]  # files in name order, named new000, new001
@@ -144,46 +120,15 @@ def test_shift_verdict_flags_a_scan_beyond_the_cohort():
     assert reconstruct.shift_verdict(alone, None) == {"prior_gain": -0.1}
 
 
-def _real_slices() -> dict[str, np.ndarray]:
-    """Real MR images shipped with the dependencies, as axial magnitude slices: nibabel's
-    T1-weighted `anatomical.nii` and the first volume of its EPI `example4d.nii.gz`
-    (T2*-weighted), and pydicom's spin-echo `MR_small.dcm`."""
-    data = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
-    anatomical = np.asarray(nib.load(os.path.join(data, "anatomical.nii")).dataobj, np.float32)
-    epi = np.asarray(nib.load(os.path.join(data, "example4d.nii.gz")).dataobj, np.float32)[..., 0]
-    spin_echo = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
-
-    def axial(volume: np.ndarray, every: int) -> np.ndarray:
-        planes = np.moveaxis(volume, 2, 0)
-        covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.2
-        return planes[covered][::every]
-
-    return {
-        "t1_anatomical": axial(anatomical, 3),
-        "epi_b0": axial(epi, 4),
-        "t2_spin_echo": spin_echo[None],
-    }
-
-
-def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
-    mse = float(np.mean((reference - image) ** 2))
-    return 10 * np.log10(float(reference.max()) ** 2 / mse)
-
-
 def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model, tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()
     truths = {}
-    for number, (name, slices) in enumerate(sorted(_real_slices().items())):
-        full = _write_scan(folder, f"{number}_{name}", slices, seed=10 + number)
+    for number, (name, slices) in enumerate(sorted(robust_prior.real_slices().items())):
+        full = robust_prior.write_scan(folder, f"{number}_{name}", slices, seed=10 + number)
         # The reference the model's grid can show: the fully sampled k-space fitted the way
-        # the file's is, SENSE-combined (coil maps cancel for magnitudes of the RSS).
-        fitted, _ = fit_kspace(full, np.ones((len(full), full.shape[-1]), bool), 32)
-        axes = (-2, -1)
-        coil_images = np.fft.fftshift(
-            np.fft.ifft2(np.fft.ifftshift(fitted, axes=axes), norm="ortho"), axes=axes
-        )
-        truths[name] = np.sqrt((np.abs(coil_images) ** 2).sum(axis=1))
+        # the file's is, root-sum-of-squares over coils.
+        truths[name] = robust_prior.reference_magnitudes(full, 32)
     cfg = _config()
     metrics = _reconstruct(t1_model, folder, tmp_path, cfg)
     assert metrics["new_files"] == 3
@@ -192,14 +137,11 @@ def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model,
     for number, name in enumerate(sorted(truths)):
         scan = f"new{number:03d}"
         zero_filled = np.moveaxis(nib.load(files / f"{scan}_zero_filled.nii.gz").get_fdata(), -1, 0)
-        # Outputs are on the model's intensity scale: bring the reference to it.
-        truth = truths[name]
-        inside = truth > 0.2 * truth.max()
-        truth = truth * np.median(zero_filled[inside] / np.maximum(truth[inside], 1e-9))
+        # Outputs are on the model's intensity scale: the reference is brought to it.
         row = {}
         for method in ["zero_filled", "cs_l1"] + [f"diffusion_{s}" for s in SAMPLERS]:
             image = np.moveaxis(nib.load(files / f"{scan}_{method}.nii.gz").get_fdata(), -1, 0)
-            row[method] = _psnr(truth, image)
+            row[method] = robust_prior.psnr_on_model_scale(truths[name], zero_filled, image)
         table[name] = row
     print(json.dumps(table, indent=1))
     # A model of 300 steps on 4 synthetic subjects cannot help on these scans; what must hold

@@ -298,7 +298,9 @@ def held_back_errors(
     rest at a low noise level and predicts x̂0; the score is ‖x̂0's held-back lines − y's‖² /
     ‖y's held-back lines‖², averaged over :data:`HELD_BACK_DRAWS` draws of B. Below 1 the prior
     predicts unmeasured k-space better than zero-filling does; at 1 or above it adds nothing on
-    this scan. Needs no clean image. Ambient models only (others never saw a masked input).
+    this scan; NaN where the scan has no line to hold back (every acquired line is a
+    calibration line). Needs no clean image. Ambient models only (others never saw a masked
+    input).
     """
     t = max(1, int(round(HELD_BACK_LEVEL * int(meta["scheduler"]["num_train_timesteps"]))))
     generator = torch.Generator().manual_seed(derive_seed(seed, "held-back"))
@@ -309,8 +311,12 @@ def held_back_errors(
         noise = torch.randn(shape, generator=generator)
         residual = op.A(_prediction(net, meta, op_tilde, y, t, noise)) - y
         held = op.observed(residual) * (1.0 - op_tilde.observed(residual))
-        energy = (y.square() * held).flatten(1).sum(1).clamp(min=1e-12)
-        scores += (residual.square() * held).flatten(1).sum(1) / energy
+        energy = (y.square() * held).flatten(1).sum(1)
+        # A slice whose acquired lines are all calibration lines has none to hold back:
+        # its score is undefined (NaN), not perfect.
+        scores += (residual.square() * held).flatten(1).sum(1) / energy.where(
+            energy > 0, torch.tensor(float("nan"))
+        )
     return (scores / HELD_BACK_DRAWS).numpy()
 
 
@@ -408,20 +414,31 @@ def shift_verdict(
     reference's 95th percentile as the same ratio (``..._threshold``); ``out_of_distribution``
     when either median exceeds its reference's 95th percentile.
     """
-    held_back = float(np.median(scores["held_back"]))
-    verdict: dict[str, Any] = {"prior_gain": round(1.0 - held_back, 4)}
+    held_back = _median(scores["held_back"])
+    verdict: dict[str, Any] = {"prior_gain": _rounded(1.0 - held_back)}
     if reference is None:
         return verdict
     beyond = False
     for name, key in (("denoising", "domain_shift"), ("held_back", "held_back_shift")):
-        median, base = float(np.median(scores[name])), float(np.median(reference[name]))
-        limit = float(np.quantile(reference[name], 0.95))
-        verdict[f"{key}_score"] = round(median / base, 4)
-        verdict[f"{key}_threshold"] = round(limit / base, 4)
-        beyond |= median > limit
-    verdict["reference_prior_gain"] = round(1.0 - float(np.median(reference["held_back"])), 4)
+        median, base = _median(scores[name]), _median(reference[name])
+        limit = float(np.nanquantile(reference[name], 0.95))
+        verdict[f"{key}_score"] = _rounded(median / base)
+        verdict[f"{key}_threshold"] = _rounded(limit / base)
+        beyond |= bool(median > limit)  # False where undefined (NaN)
+    verdict["reference_prior_gain"] = _rounded(1.0 - _median(reference["held_back"]))
     verdict["out_of_distribution"] = bool(beyond)
     return verdict
+
+
+def _median(values: np.ndarray) -> float:
+    """Median over the defined values; NaN when none is."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else np.nan
+
+
+def _rounded(value: float) -> float | None:
+    """4 decimals for the report; None (JSON null) where undefined."""
+    return round(float(value), 4) if np.isfinite(value) else None
 
 
 def data_residual(op: MaskedOperator, y: torch.Tensor, images: np.ndarray) -> list[float]:
@@ -500,8 +517,8 @@ def reconstruct_new_files(
                 learned[method] = magnitude(guarded)
         if meta["mode"] == "ambient" and meta["image_channels"] == 2:
             scores = prior_scores(net, meta, op, y, seed)
-            report["held_back_error"] = [round(float(e), 4) for e in scores["held_back"]]
-            report["denoising_error"] = [round(float(e), 4) for e in scores["denoising"]]
+            report["held_back_error"] = [_rounded(e) for e in scores["held_back"]]
+            report["denoising_error"] = [_rounded(e) for e in scores["denoising"]]
         results |= learned
         # Zero-filled A^H y is the floor: with estimated coil maps no image fits every coil's
         # lines exactly, so what a sampler must not do is land further from them.
@@ -516,16 +533,21 @@ def reconstruct_new_files(
             report |= shift_verdict(scores, references.get(setting))
             if report.get("out_of_distribution"):
                 log.warning(
-                    "%s: unlike the training cohort (the prior denoises it %.2f× worse than the "
-                    "cohort hold-out, threshold %.2f×; predicts its held-back lines %.2f× worse, "
-                    "threshold %.2f×); every reconstruction still ends on its measurements",
+                    "%s: unlike the training cohort (the prior denoises it %s× worse than the "
+                    "cohort hold-out, threshold %s×; predicts its held-back lines %s× worse, "
+                    "threshold %s×); every reconstruction still ends on its measurements",
                     name,
-                    report["domain_shift_score"],
-                    report["domain_shift_threshold"],
-                    report["held_back_shift_score"],
-                    report["held_back_shift_threshold"],
+                    *(
+                        "n/a" if report[k] is None else f"{report[k]:.2f}"
+                        for k in (
+                            "domain_shift_score",
+                            "domain_shift_threshold",
+                            "held_back_shift_score",
+                            "held_back_shift_threshold",
+                        )
+                    ),
                 )
-            if report["prior_gain"] <= 0:
+            if report["prior_gain"] is not None and report["prior_gain"] <= 0:
                 log.warning(
                     "%s: the prior predicts none of its unmeasured k-space (gain %.3f): expect "
                     "zero-filled quality from the diffusion samplers",
