@@ -93,36 +93,30 @@ def curve_rows(records: list[dict], total: int) -> list[dict]:
             held[(r["train_mode"], r["sampler"], step)].append(r["held_back"])
     rows = []
     for (mode, sampler, step), values in sorted(by_key.items()):
-        table = _table(values)
-        low, high = bootstrap_ci(table)
-        row = {
-            "train_mode": mode,
-            "step": step,
-            "sampler": sampler,
-            "R": 4,
-            "cells": table.size,
-            "psnr": round(float(table.mean()), 3),
-            "psnr_ci95": [round(low, 3), round(high, 3)],
-        }
+        row = _curve_row(mode, sampler, step, _table(values))
         if held.get((mode, sampler, step)):
             row["held_back_ratio"] = round(float(np.mean(held[(mode, sampler, step)])), 4)
         rows.append(row)
         naive = by_key.get(("naive", sampler, step))
         if mode == "ambient" and naive and set(naive) == set(values):
             diff = _table(values) - _table(naive)
-            low, high = bootstrap_ci(diff)
-            rows.append(
-                {
-                    "train_mode": "ambient-naive",
-                    "step": step,
-                    "sampler": sampler,
-                    "R": 4,
-                    "cells": diff.size,
-                    "psnr": round(float(diff.mean()), 3),
-                    "psnr_ci95": [round(low, 3), round(high, 3)],
-                }
-            )
+            rows.append(_curve_row("ambient-naive", sampler, step, diff))
     return rows
+
+
+def _curve_row(mode: str, sampler: str, step: int, table: np.ndarray) -> dict:
+    """One curve row: the mean of a seeds × volumes ``table`` of PSNR at R = 4 (or of paired
+    differences) with its bootstrap interval."""
+    low, high = bootstrap_ci(table)
+    return {
+        "train_mode": mode,
+        "step": step,
+        "sampler": sampler,
+        "R": 4,
+        "cells": table.size,
+        "psnr": round(float(table.mean()), 3),
+        "psnr_ci95": [round(low, 3), round(high, 3)],
+    }
 
 
 def curve_png(path: Path, rows: list[dict], records: list[dict]) -> None:
