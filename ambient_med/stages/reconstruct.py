@@ -280,10 +280,9 @@ def _reduced(op: MaskedOperator, line_mask: torch.Tensor) -> MaskedOperator:
     return SingleCoilFourier(line_mask, op.height)
 
 
-def _prediction(net, meta, op_tilde: MaskedOperator, y: torch.Tensor, t: int, noise):
-    """x̂0 of the network shown ``y`` through Ã (``op_tilde``) at noise level ``t``, as in
-    training: z = Ã^H(sqrt(ᾱ_t) y + sqrt(1 − ᾱ_t) Ã ε)."""
-    abar = float(build_ddim(meta["scheduler"], 1).alphas_cumprod[t])
+def _prediction(net, op_tilde: MaskedOperator, y: torch.Tensor, t: int, abar: float, noise):
+    """x̂0 of the network shown ``y`` through Ã (``op_tilde``) at timestep ``t`` (ᾱ_t =
+    ``abar``), as in training: z = Ã^H(sqrt(ᾱ_t) y + sqrt(1 − ᾱ_t) Ã ε)."""
     z = op_tilde.A_adjoint(abar**0.5 * y + (1.0 - abar) ** 0.5 * op_tilde.A(noise))
     return net(z, op_tilde.mask_image(), torch.full((len(y),), t, dtype=torch.long)).float()
 
@@ -303,13 +302,14 @@ def held_back_errors(
     input).
     """
     t = max(1, int(round(HELD_BACK_LEVEL * int(meta["scheduler"]["num_train_timesteps"]))))
+    abar = float(build_ddim(meta["scheduler"], 1).alphas_cumprod[t])
     generator = torch.Generator().manual_seed(derive_seed(seed, "held-back"))
     scores = torch.zeros(len(y))
     for _ in range(HELD_BACK_DRAWS):
         op_tilde = _reduced(op, further_kspace_mask(op.line_mask, generator))
         shape = (len(y), int(meta["image_channels"]), *op.mask_image().shape[-2:])
         noise = torch.randn(shape, generator=generator)
-        residual = op.A(_prediction(net, meta, op_tilde, y, t, noise)) - y
+        residual = op.A(_prediction(net, op_tilde, y, t, abar, noise)) - y
         held = op.observed(residual) * (1.0 - op_tilde.observed(residual))
         energy = (y.square() * held).flatten(1).sum(1)
         # A slice whose acquired lines are all calibration lines has none to hold back:
@@ -334,15 +334,16 @@ def denoising_errors(
     predict unmeasured lines, only to know the anatomy and contrast it sees, so it tells a
     scan unlike the cohort apart even from a young model. Ambient models only.
     """
-    abar = build_ddim(meta["scheduler"], 1).alphas_cumprod
-    t = int((sigma_of(abar) - DENOISING_SIGMA).abs().argmin())
-    sigma2 = float(sigma_of(abar[t : t + 1]).square())
+    alphas = build_ddim(meta["scheduler"], 1).alphas_cumprod
+    t = int((sigma_of(alphas) - DENOISING_SIGMA).abs().argmin())
+    abar = float(alphas[t])
+    sigma2 = (1.0 - abar) / abar  # EDM σ² of timestep t
     generator = torch.Generator().manual_seed(derive_seed(seed, "denoising"))
     scores = torch.zeros(len(y))
     for _ in range(HELD_BACK_DRAWS):
         shape = (len(y), int(meta["image_channels"]), *op.mask_image().shape[-2:])
         noise = torch.randn(shape, generator=generator)
-        residual = op.A(_prediction(net, meta, op, y, t, noise)) - y
+        residual = op.A(_prediction(net, op, y, t, abar, noise)) - y
         measured = op.observed(residual)
         count = measured.flatten(1).sum(1).clamp(min=1.0)
         scores += (residual.square() * measured).flatten(1).sum(1) / (sigma2 * count)
