@@ -371,10 +371,10 @@ def main(argv: list[str] | None = None) -> Path:
                     channels = 2 if kind != "pixel" else 1
                     sample_seed = derive_seed(seed, "memorization-samples", train_seed)
                     for step in curve_steps:
-                        checkpoint = trained_to(cfg, source, out, step)
                         curve_done = (model_key(ident), "curve", step, None, None) in done
                         if curve_done and step != args.steps:
                             continue
+                        checkpoint = trained_to(cfg, source, out, step)
                         net, meta = checkpoint_model(checkpoint, cfg, channels, args.image_size)
                         samples = magnitude(generate(net, meta, config["sample"], sample_seed))
                         result = memorization_audit(

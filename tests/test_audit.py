@@ -146,7 +146,7 @@ def test_copy_statistic_known_values_on_a_tiny_case():
     yy, xx = np.mgrid[:16, :16]
     head = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2 < 6.5**2).astype(np.float32)
     images = head * (1.0 + 0.5 * rng.random((3, 16, 16)).astype(np.float32))
-    params = CopyStatistic(sigma_fine=0.7, sigma_coarse=1.5, erode=1, max_shift=1)
+    params = CopyStatistic(sigma_fine=0.7, sigma_coarse=1.5, erode=1, max_shift=1, match_blurs=())
     got = CopyIndex(images[1:], params).matrix(images[:2])
     expected = [[_reference_score(q, r, params) for r in images[1:]] for q in images[:2]]
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -178,6 +178,26 @@ def test_copy_statistic_ignores_gain_and_offset_and_finds_shifts(cohort):
     assert best[0] == pytest.approx(1.0, abs=1e-4) and found[0] == 30
     no_search = nearest_copy(moved, train, CopyStatistic(max_shift=0))[0][0]
     assert no_search < 0.9
+
+
+def test_blurred_copies_match_a_blurred_reference(cohort):
+    train, holdout, _, _ = cohort
+    sharp_only = CopyIndex(train, CopyStatistic(match_blurs=()))
+    with_blur = CopyIndex(train, CopyStatistic(match_blurs=(0.6,)))
+    blurred = ndimage.gaussian_filter(train[10:14], (0, 0.6, 0.6))
+    before, _ = sharp_only.nearest(blurred)
+    after, found = with_blur.nearest(blurred)
+    # Matched blur: each blurred copy finds its own source at full score; sharply, it does not.
+    np.testing.assert_allclose(after, 1.0, atol=1e-4)
+    np.testing.assert_array_equal(found, np.arange(10, 14))
+    assert before.max() < 0.99
+    # The score is a best over versions: never lower than the sharp one, for any query.
+    base, _ = sharp_only.nearest(holdout[:12])
+    widened, _ = with_blur.nearest(holdout[:12])
+    assert np.all(widened >= base - 1e-6)
+    assert with_blur.matrix(holdout[:3]).shape == (3, len(train))
+    with pytest.raises(AmbientMedError, match="audit.match_blurs"):
+        CopyStatistic(match_blurs=(0.0,))
 
 
 def test_split_holdout_interleaves_within_subjects():

@@ -132,6 +132,11 @@ class CopyStatistic:
             enter the mask.
         extend: Gaussian width, in units of ``sigma_coarse``, of the normalised convolution
             that continues the tissue beyond the outline.
+        match_blurs: Gaussian widths (pixels) at which each reference is also compared,
+            blurred; a query's score is its best over these and the sharp reference. A model
+            that copies a slice may draw it slightly smoother; the band-pass score of a copy
+            blurred by 0.8 px at 32² fell to the level of the held-out slices at N = 435
+            (60 of 64 blurred copies flagged) without this, 64 of 64 with 0.6.
     """
 
     sigma_fine: float = 0.7
@@ -141,6 +146,7 @@ class CopyStatistic:
     level: float = 0.5
     mask_smooth: float = 1.0
     extend: float = 1.5
+    match_blurs: tuple[float, ...] = (0.6,)
 
     def __post_init__(self) -> None:
         if not 0 <= self.sigma_fine < self.sigma_coarse:
@@ -148,12 +154,22 @@ class CopyStatistic:
                 f"config key 'audit.band_sigmas': need 0 <= fine < coarse, got "
                 f"[{self.sigma_fine}, {self.sigma_coarse}]"
             )
+        if any(b <= 0 for b in self.match_blurs):
+            raise AmbientMedError(
+                f"config key 'audit.match_blurs': widths must be > 0, got {list(self.match_blurs)}"
+            )
 
     @classmethod
     def from_config(cls, audit: Mapping[str, Any]) -> CopyStatistic:
         """From the validated ``audit`` config section."""
         fine, coarse = audit["band_sigmas"]
-        return cls(float(fine), float(coarse), int(audit["mask_erode"]), int(audit["max_shift"]))
+        return cls(
+            float(fine),
+            float(coarse),
+            int(audit["mask_erode"]),
+            int(audit["max_shift"]),
+            match_blurs=tuple(float(b) for b in audit.get("match_blurs", (0.6,))),
+        )
 
 
 def _gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -272,7 +288,14 @@ class CopyIndex:
         self.params = params or CopyStatistic()
         self.device = device or _device()
         self.shape = tuple(references.shape[1:])
-        features, self.energy = anatomy_features(references, self.params, self.device)
+        self.count = len(references)
+        # Blurred versions follow the sharp ones: row v * count + i is reference i at
+        # version v (0 = sharp); a query's score is its best over the versions.
+        versions = [references] + [
+            ndimage.gaussian_filter(np.asarray(references, np.float32), (0, b, b))
+            for b in self.params.match_blurs
+        ]
+        features, self.energy = anatomy_features(np.concatenate(versions), self.params, self.device)
         self.features = features.reshape(len(features), -1)
 
     def _check(self, queries: np.ndarray) -> None:
@@ -297,7 +320,7 @@ class CopyIndex:
                 view = padded[:, r + dy : r + dy + height, r + dx : r + dx + width]
                 score = 2.0 * (view.reshape(len(q), -1) @ self.features.T) / denominator
                 best = score if best is None else torch.maximum(best, score)
-            yield start, best
+            yield start, best.reshape(len(q), -1, self.count).amax(dim=1)
 
     def nearest(
         self, queries: np.ndarray, chunk: int | None = None
