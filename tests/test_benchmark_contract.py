@@ -131,3 +131,28 @@ def test_robust_prior_benchmark_short_run_writes_the_contract(tmp_path, monkeypa
         assert set(row["psnr"]) == set(robust_prior.METHODS)
         assert np.isfinite(list(row["psnr"].values())).all()
         assert {"domain_shift_score", "out_of_distribution", "prior_gain"} <= set(row)
+
+
+def test_ablation_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    ablation = _benchmark("ablation")
+    work = tmp_path / "work"
+    argv = ["--short", "--workdir", str(work), "--results", str(tmp_path / "out")]
+    argv += ["--steps", "4", "--every", "2", "--sampling-steps", "2"]
+    argv += ["--variant", "sigma_data", "model.unmeasured_scale=null"]
+    argv += ["--variant", "auto", 'model.unmeasured_scale="auto"', "train.b_redraw=true"]
+    rows = json.loads(ablation.main(argv).read_text())["rows"]
+    baseline = [r for r in rows if r["kind"] == "baseline"]
+    assert len(baseline) == 1 and baseline[0]["cs_l1"] > 0
+    variants = [r for r in rows if r["kind"] == "variant"]
+    assert {(r["variant"], r["step"]) for r in variants} == {
+        (v, s) for v in ("sigma_data", "auto") for s in (2, 4)
+    }
+    assert variants[-1]["overrides"] == {"model.unmeasured_scale": "auto", "train.b_redraw": True}
+    for row in variants:
+        assert 0 < row["held_back_holdout"] < 10 and np.isfinite(row["dc"])
+    # Resumed: nothing is recomputed, the same rows come back.
+    again = json.loads(ablation.main(argv).read_text())["rows"]
+    assert again == rows
+    with pytest.raises(Exception, match="section.key=value"):
+        ablation.main([*argv[:5], "--variant", "bad", "unmeasured_scale"])

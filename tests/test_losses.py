@@ -184,6 +184,39 @@ def test_edm_denoiser_predicts_unmeasured_entries_at_data_scale():
     torch.testing.assert_close(out[..., 1::2], torch.full((1, 1, 8, 4), 0.5))
 
 
+def test_unmeasured_scale_sets_the_prediction_scale_and_its_loss_weight():
+    net = _edm_denoiser(1, value=1.0)  # F ≡ G ≡ 1
+    net.unmeasured_scale.fill_(0.08)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., ::2] = 1.0
+    out = net(torch.zeros(1, 1, 8, 8), mask, torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(out[..., 1::2], torch.full((1, 1, 8, 4), 0.08))
+    # The scale is a buffer: it travels with the weights; weights saved before it existed
+    # load at σ_d, the scale they were trained at.
+    state = net.state_dict()
+    fresh = _edm_denoiser(1, value=1.0)
+    fresh.load_state_dict(state)
+    assert float(fresh.unmeasured_scale) == pytest.approx(0.08)
+    del state["unmeasured_scale"]
+    fresh.load_state_dict(state)
+    assert float(fresh.unmeasured_scale) == pytest.approx(0.5)
+    # A residual of 1 on an entry B hid costs 1 / s_u².
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[..., :2] = True
+    keep = mask.clone()
+    keep[..., 1] = False
+    alphas = build_ddpm(SCHEDULE).alphas_cumprod
+    objective = AmbientObjective(alphas, "edm", unmeasured_scale=0.1)
+
+    class Hidden(nn.Module):
+        def forward(self, z, mask_image, t):
+            return (~keep).float()  # right where Ã kept, off by 1 where B hid
+
+    zero = torch.zeros(1, 1, 4, 4)
+    loss, _ = objective(Hidden(), zero, PixelMask(mask), PixelMask(keep), torch.tensor([50]), zero)
+    assert float(loss) == pytest.approx(4 * 100.0 / 8)
+
+
 def test_edm_weighting_per_part_and_lognormal_noise_levels():
     alphas = build_ddpm({"num_train_timesteps": 1000, "schedule": "linear_beta"}).alphas_cumprod
     objective = AmbientObjective(alphas, "edm", noise_distribution="edm")

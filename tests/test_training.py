@@ -177,3 +177,29 @@ def test_training_writes_tensorboard_loss_and_sample_grids(kspace_store, tmp_pat
     np.testing.assert_allclose([e.value for e in losses], logged[:, 1], rtol=1e-4)
     grids = events.Images("samples")
     assert [g.step for g in grids] == [3, 6]  # every checkpoint of the tiny config
+
+
+def test_unmeasured_scale_auto_is_the_rms_of_the_entries_b_may_hide():
+    from ambient_med.diffusion.training import TrainingSet, unmeasured_scale
+
+    # k-space: 2 examples of (2, 4, 8); lines 3, 4 (centre, calibration) and 0, 6 acquired.
+    lines = torch.zeros(2, 8, dtype=torch.bool)
+    lines[:, [0, 3, 4, 6]] = True
+    y = torch.zeros(2, 2, 4, 8)
+    y[:, :, :, [3, 4]] = 10.0  # calibration lines: never hidden, do not count
+    y[0, 0, :, 0], y[0, 1, :, 6] = 3.0, 4.0
+    y[1, 1, :, 0] = 1.0
+    data = TrainingSet(targets=y, kind="kspace", mode="ambient", masks=lines)
+    # Real entries on lines 0 and 6: 2 examples x 2 lines x 4 rows x 2 parts = 32 entries.
+    expected = ((4 * 9 + 4 * 16 + 4 * 1) / 32) ** 0.5
+    assert unmeasured_scale(data, 0.5) == pytest.approx(expected)
+    # Pixel masks: the observed pixels.
+    keep = torch.zeros(1, 4, 4, dtype=torch.bool)
+    keep[0, 0, :2] = True
+    image = torch.zeros(1, 1, 4, 4)
+    image[0, 0, 0, :2] = torch.tensor([3.0, 4.0])
+    pixel = TrainingSet(targets=image, kind="pixel", mode="ambient", masks=keep)
+    assert unmeasured_scale(pixel, 0.5) == pytest.approx((25 / 2) ** 0.5)
+    # Naive and clean models hide nothing: σ_d.
+    naive = TrainingSet(targets=image, kind="pixel", mode="naive")
+    assert unmeasured_scale(naive, 0.5) == 0.5

@@ -29,7 +29,7 @@ class AmbientObjective:
     per example; entries A did not measure contribute nothing, whatever the prediction there.
 
     Weighting ``edm`` (with the EDM-preconditioned denoiser): entries that Ã kept get EDM's
-    λ(σ) = (σ² + σ_d²) / (σ σ_d)², entries that A measured but B hid get 1 / σ_d² — the
+    λ(σ) = (σ² + σ_d²) / (σ σ_d)², entries that A measured but B hid get 1 / s_u² — the
     inverse squared output scale of each part of the denoiser, so that the network's raw
     output F is trained at unit scale everywhere (EDM's argument, per part).
 
@@ -41,6 +41,8 @@ class AmbientObjective:
         noise_distribution: ``"uniform"`` (t uniform over the schedule) or ``"edm"`` (ln σ ~
             N(p_mean, p_std²), EDM's log-normal, snapped to the nearest timestep).
         sigma_data: σ_d of EDM's weighting.
+        unmeasured_scale: s_u, the denoiser's output scale where Ã measured nothing
+            (:class:`~ambient_med.diffusion.model.AmbientDenoiser`); None = σ_d.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class AmbientObjective:
         sigma_data: float = 0.5,
         p_mean: float = -1.2,
         p_std: float = 1.2,
+        unmeasured_scale: float | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"loss weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -62,6 +65,7 @@ class AmbientObjective:
         self.snr_gamma = snr_gamma
         self.noise_distribution = noise_distribution
         self.sigma_data = sigma_data
+        self.unmeasured_scale = sigma_data if unmeasured_scale is None else unmeasured_scale
         self.p_mean, self.p_std = p_mean, p_std
         self.log_sigmas = sigma_of(self.alphas_cumprod).log()
 
@@ -120,7 +124,7 @@ class AmbientObjective:
         if self.weighting == "edm":
             kept = op_tilde.observed(residual) * observed
             shape = (-1, *([1] * (residual.ndim - 1)))
-            entry = weights.view(shape) * kept + (observed - kept) / self.sigma_data**2
+            entry = weights.view(shape) * kept + (observed - kept) / self.unmeasured_scale**2
             return ((residual.square() * entry).flatten(1).sum(1) / count).mean(), x0_hat
         per_example = (residual.square() * observed).flatten(1).sum(1) / count
         return (weights * per_example).sum() / weights.sum(), x0_hat

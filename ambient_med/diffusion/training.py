@@ -17,6 +17,7 @@ from ambient_med.diffusion.losses import AmbientObjective
 from ambient_med.errors import AmbientMedError
 from ambient_med.physics.masks import (
     LineMaskFunc,
+    acs_lines,
     derive_seed,
     further_kspace_mask,
     further_pixel_mask,
@@ -128,6 +129,34 @@ class TrainingSet:
         mask, tilde = mask[shard].to(device), tilde[shard].to(device)
         op = measurement_operator(self.kind, mask, h, maps)
         return op, measurement_operator(self.kind, tilde, h, maps)
+
+
+def unmeasured_scale(data: TrainingSet, fallback: float) -> float:
+    """RMS of the training measurements on the entries B may hide (``model.unmeasured_scale:
+    auto``): the typical size of what the denoiser predicts where Ã measured nothing.
+
+    Pixel masks: the observed pixels. k-space: the acquired non-calibration lines (B never
+    hides calibration lines), per real entry; native multi-coil data: summed over coils, the
+    size of the image's own k-space there. ``fallback`` (σ_d) for modes other than ambient,
+    whose Ã hides nothing, and for data without such entries.
+    """
+    if data.mode != "ambient" or data.masks is None:
+        return fallback
+    y = data.targets.double()
+    if data.kind == "pixel":
+        hidable = data.masks.bool()[:, None].expand_as(y)
+        energy, count = y.square()[hidable].sum(), hidable.sum()
+    else:
+        lines = data.masks.bool() & ~acs_lines(data.masks.bool())  # (N, W)
+        if data.maps is not None:  # (N, coils, H, W, 2): the coil-combined energy per entry
+            per_column = y.square().sum(dim=(1, 4)).sum(dim=1) / 2  # (N, W)
+        else:  # (N, 2, H, W): both parts
+            per_column = y.square().sum(dim=(1, 2)) / 2
+        energy = per_column[lines].sum()
+        count = lines.sum() * y.shape[-3 if data.maps is not None else -2]
+    if count == 0 or energy <= 0:
+        return fallback
+    return float((energy / count).sqrt())
 
 
 def concatenate(parts: list[TrainingSet], names: list[str]) -> TrainingSet:

@@ -34,6 +34,7 @@ from ambient_med.diffusion.training import (
     concatenate,
     ema_weights,
     inference_operator,
+    unmeasured_scale,
 )
 from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.figures import loss_curve
@@ -129,12 +130,20 @@ def build_trainer(
     seed = training_seed(cfg)
     torch.manual_seed(seed)  # network initialisation
     net = build_denoiser(cfg["model"], data.image_channels, cfg["scheduler"])
+    scale = cfg["model"].get("unmeasured_scale")
+    sigma_data = float(cfg["model"]["sigma_data"])
+    if scale == "auto":
+        scale = unmeasured_scale(data, sigma_data)
+        log.info("unmeasured_scale auto: %.4g (sigma_data %.4g)", scale, sigma_data)
+    scale = sigma_data if scale is None else float(scale)
+    net.unmeasured_scale.fill_(scale)  # before the EMA copy is made
     ddpm = build_ddpm(cfg["scheduler"])
     objective = AmbientObjective(
         ddpm.alphas_cumprod,
         cfg["train"]["loss_weighting"],
         noise_distribution=cfg["train"]["noise_distribution"],
-        sigma_data=cfg["model"]["sigma_data"],
+        sigma_data=sigma_data,
+        unmeasured_scale=scale,
     )
     train = cfg["train"]
     group = group or ProcessGroup(device=device)
