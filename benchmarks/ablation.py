@@ -24,6 +24,7 @@ Resumable: models train (and resume) under ``--workdir``; finished rows are kept
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -106,11 +107,9 @@ def main(argv: list[str] | None = None) -> Path:
         return round(float(np.mean([m["psnr"] for m in per_volume])), 3)
 
     rows_path = work / "rows.jsonl"
-    rows = (
-        [json.loads(line) for line in rows_path.read_text().splitlines()]
-        if (rows_path.exists())
-        else []
-    )
+    rows = []
+    if rows_path.exists():
+        rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
     done = {(r["variant"], r["step"]) for r in rows if r["kind"] == "variant"}
 
     def record(row: dict) -> None:
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
             }
         )
     for name, overrides in variants.items():
-        variant_config = json.loads(json.dumps(config))
+        variant_config = copy.deepcopy(config)
         for key, value in overrides.items():
             section, field = key.split(".")
             variant_config[section][field] = value

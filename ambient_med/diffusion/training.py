@@ -149,7 +149,7 @@ def unmeasured_scale(data: TrainingSet, fallback: float) -> float:
     else:
         lines = data.masks.bool() & ~acs_lines(data.masks.bool())  # (N, W)
         if data.maps is not None:  # (N, coils, H, W, 2): the coil-combined energy per entry
-            per_column = y.square().sum(dim=(1, 4)).sum(dim=1) / 2  # (N, W)
+            per_column = y.square().sum(dim=(1, 2, 4)) / 2  # (N, W)
         else:  # (N, 2, H, W): both parts
             per_column = y.square().sum(dim=(1, 2)) / 2
         energy = per_column[lines].sum()

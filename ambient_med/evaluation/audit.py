@@ -168,7 +168,7 @@ class CopyStatistic:
             float(coarse),
             int(audit["mask_erode"]),
             int(audit["max_shift"]),
-            match_blurs=tuple(float(b) for b in audit.get("match_blurs", (0.6,))),
+            match_blurs=tuple(float(b) for b in audit["match_blurs"]),
         )
 
 

@@ -130,20 +130,17 @@ def build_trainer(
     seed = training_seed(cfg)
     torch.manual_seed(seed)  # network initialisation
     net = build_denoiser(cfg["model"], data.image_channels, cfg["scheduler"])
-    scale = cfg["model"].get("unmeasured_scale")
-    sigma_data = float(cfg["model"]["sigma_data"])
-    if scale == "auto":
-        scale = unmeasured_scale(data, sigma_data)
-        log.info("unmeasured_scale auto: %.4g (sigma_data %.4g)", scale, sigma_data)
-    scale = sigma_data if scale is None else float(scale)
-    net.unmeasured_scale.fill_(scale)  # before the EMA copy is made
+    if cfg["model"].get("unmeasured_scale") == "auto":
+        # Resolved from the data before the EMA copy is made; the objective reads it back.
+        net.unmeasured_scale.fill_(unmeasured_scale(data, net.sigma_data))
+        log.info("unmeasured_scale auto: %.4g", float(net.unmeasured_scale))
     ddpm = build_ddpm(cfg["scheduler"])
     objective = AmbientObjective(
         ddpm.alphas_cumprod,
         cfg["train"]["loss_weighting"],
         noise_distribution=cfg["train"]["noise_distribution"],
-        sigma_data=sigma_data,
-        unmeasured_scale=scale,
+        sigma_data=net.sigma_data,
+        unmeasured_scale=float(net.unmeasured_scale),
     )
     train = cfg["train"]
     group = group or ProcessGroup(device=device)
