@@ -91,10 +91,11 @@ def demo_slices(config: dict, work: Path, name: str = "slices.h5") -> Path:
     from ambient_med.stages import demo_data, ingest
 
     inputs, slices = work / "inputs", work / name
+    if slices.exists():  # the inputs are only needed to make it (a copy may travel alone)
+        return slices
     if not inputs.exists():
         demo_data.run(stage_config(config, "demo", "demo_data"), inputs)
-    if not slices.exists():
-        ingest.run(stage_config(config, "demo", "ingest"), inputs, slices, work / "manifest.csv")
+    ingest.run(stage_config(config, "demo", "ingest"), inputs, slices, work / "manifest.csv")
     return slices
 
 

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
 )
 
 from ambient_med.config import stage_config  # noqa: E402
+from ambient_med.diffusion.model import OnDevice  # noqa: E402
 from ambient_med.evaluation.metrics import METRICS, bootstrap_ci, per_volume_metrics  # noqa: E402
 from ambient_med.io.store import MeasurementStore, read_slices, write_measurements  # noqa: E402
 from ambient_med.physics.acquisition import Acquisition, as_channels  # noqa: E402
@@ -362,12 +363,27 @@ def native_store(config: dict, store, keys: list[str], path: Path) -> None:
     )
 
 
+def training_stores(config: dict, work: Path, settings) -> tuple[Path, dict[str, Path]]:
+    """The demo cohort's slice store under ``work`` and the measurement store each of
+    ``settings`` trains on, made once and reused: ``(slices, {setting: store path})``."""
+    slices = demo_slices(config, work)
+    sources = {s: work / f"{s}.h5" for s in SETTINGS}
+    for kind in ("kspace", "pixel"):
+        if kind in settings and not sources[kind].exists():
+            corrupt.run(stage_config(config, "demo", "corrupt"), kind, slices, sources[kind])
+    if "native" in settings and not sources["native"].exists():
+        store = read_slices(slices)
+        keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+        native_store(config, store, keys, sources["native"])
+    return slices, sources
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
     parser.add_argument("--workdir", type=Path, default=Path("benchmarks/work/reconstruction"))
     parser.add_argument("--steps", type=int, default=None, help="training steps per model")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument(
         "--settings",
@@ -396,11 +412,29 @@ def main(argv: list[str] | None = None) -> Path:
         "held-back prediction ratio) from the EMA weights at these training steps",
     )
     parser.add_argument("--short", action="store_true", help="tiny config, seconds")
+    parser.add_argument(
+        "--overlay", type=Path, default=None, help="config overlay (a section replaces its keys)"
+    )
+    parser.add_argument(
+        "--scores",
+        default="scores.jsonl",
+        help="score file under --workdir (parallel runs each append to their own)",
+    )
+    parser.add_argument(
+        "--aggregate-only",
+        action="store_true",
+        help="only rewrite the result files from the scores already in --scores",
+    )
+    parser.add_argument(
+        "--skip-baselines",
+        action="store_true",
+        help="score only the diffusion methods (another run scores zero-filled and CS)",
+    )
     parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     started = start(args.threads)
-    config = load_config(args.config, Path("config/tiny.yaml") if args.short else None)
+    config = load_config(args.config, Path("config/tiny.yaml") if args.short else args.overlay)
     if args.short:
         args.sampling_steps = min(args.sampling_steps, 3)
     if args.steps:
@@ -412,16 +446,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    slices = demo_slices(config, work)
+    slices, sources = training_stores(config, work, args.settings)
     store = read_slices(slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    sources = {"kspace": work / "kspace.h5", "pixel": work / "pixel.h5"}
-    for kind, path in sources.items():
-        if kind in args.settings and not path.exists():
-            corrupt.run(stage_config(config, "demo", "corrupt"), kind, slices, path)
-    sources["native"] = work / "native.h5"
-    if "native" in args.settings and not sources["native"].exists():
-        native_store(config, store, keys, sources["native"])
     holdout = holdout_rows(store, args.slices_per_volume)
     volumes = store.index.subject[holdout]
     validation = spread_rows(store.index.rows("train"), 6)
@@ -430,7 +457,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.posterior_samples:
         rc["posterior_samples"] = args.posterior_samples
     seed = config["cohorts"]["demo"]["seed"]
-    scores_path = work / "scores.jsonl"
+    scores_path = work / args.scores
     records = load_scores(scores_path)
     curve = [r for r in records if r["method"] == "curve"]
     records = [r for r in records if r["method"] != "curve"]
@@ -494,10 +521,19 @@ def main(argv: list[str] | None = None) -> Path:
             baseline = {"zero_filled": np.abs(y[:, 0].numpy()), "interpolated": np.abs(filled)}
             seconds = {"zero_filled": 0.0, "interpolated": time.perf_counter() - start_time}
             seconds["interpolated"] /= len(holdout)
+            if args.skip_baselines:
+                baseline, seconds = {}, {}
         else:
             settings_rc = rc | {"coils": coils}
             op, y, baseline, seconds, _ = retrospective(
-                settings_rc, level, store, holdout, validation, keys, seed
+                settings_rc,
+                level,
+                store,
+                holdout,
+                validation,
+                keys,
+                seed,
+                with_baselines=not args.skip_baselines,
             )
             fields |= {"R": level, "p": None}
         for method, images in baseline.items():
@@ -505,6 +541,11 @@ def main(argv: list[str] | None = None) -> Path:
                 keep(records, images, seconds[method], method=method, seed=0, **fields)
         problems[key] = (op, y)
         return op, y
+
+    if args.aggregate_only:
+        path = save()
+        print(f"wrote {path}")
+        return path
 
     levels = {
         "kspace": args.accelerations,
@@ -547,8 +588,14 @@ def main(argv: list[str] | None = None) -> Path:
                 source = slices if mode == "clean" else sources[setting]
                 cfg = stage_config(config, "demo", "train")
                 channels = 1 if setting == "pixel" else 2
-                for step in curve_steps if setting == "kspace" else []:
-                    if (mode, train_seed, step) in curve_done or (out / "model.pt").exists():
+                # Curve points: EMA weights saved by a training run of its own (gpu.py; scored
+                # after the final model), else training up to each step here.
+                snapshots = out / "snapshots"
+                kspace_curve = curve_steps if setting == "kspace" else []
+                for step in kspace_curve:
+                    if (mode, train_seed, step) in curve_done or snapshots.exists():
+                        continue
+                    if (out / "model.pt").exists():  # trained already: no step to stop at
                         continue
                     paths = (out / "model.pt", out / "loss.csv", out / "checkpoints")
                     train.run(cfg, source, *paths, stop_after=step)
@@ -560,6 +607,7 @@ def main(argv: list[str] | None = None) -> Path:
                 if not (out / "model.pt").exists():
                     train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
                 net, meta = load_model(out / "model.pt")
+                net = on_device(net)
                 if setting == "kspace" and (mode, train_seed, config["train"]["steps"]) not in (
                     curve_done
                 ):
@@ -568,34 +616,42 @@ def main(argv: list[str] | None = None) -> Path:
                         net, meta, rc, op, y, seed, mode, train_seed, meta["steps"], keep, curve
                     )
                 for level in levels[setting]:
-                    todo = [s for lv, s in todo_all if lv == level]
-                    if not todo:
-                        continue
                     op, y = problem(setting, level)
-                    learned, learned_seconds = diffusion_methods(
-                        net, meta, rc | {"samplers": [t for t in todo if ":" not in t]}, op, y, seed
-                    )
-                    # The network's operator while reconstructing, measured on ambient k-space
-                    # models with the DC sampler: "dc:<inference_mask>".
-                    for variant in [t for t in todo if t.startswith("dc:")]:
-                        mask = variant.split(":", 1)[1]
-                        extra, extra_seconds = diffusion_methods(
-                            net,
-                            meta,
-                            rc | {"samplers": ["dc"], "inference_mask": mask},
-                            op,
-                            y,
-                            seed,
+                    # Each sampler is scored and kept on its own (a stopped run keeps the rest).
+                    # "dc:<inference_mask>": the DC sampler with another network operator while
+                    # reconstructing, measured on ambient k-space models.
+                    for sampler in [s for lv, s in todo_all if lv == level]:
+                        sampler_rc = rc | {"samplers": [sampler]}
+                        if sampler.startswith("dc:"):
+                            sampler_rc = rc | {
+                                "samplers": ["dc"],
+                                "inference_mask": sampler.split(":", 1)[1],
+                            }
+                        learned, learned_seconds = diffusion_methods(
+                            net, meta, sampler_rc, op, y, seed
                         )
-                        learned[f"diffusion_{variant}"] = extra["diffusion_dc"]
-                        learned_seconds[f"diffusion_{variant}"] = extra_seconds["diffusion_dc"]
-                    for name, images in learned.items():
-                        sampler = name.removeprefix("diffusion_")
+                        (name,) = learned
                         row = diffusion_fields(setting, mode, level, sampler, train_seed)
-                        keep(records, images, learned_seconds[name], **row)
+                        keep(records, learned[name], learned_seconds[name], **row)
+                for step in kspace_curve:
+                    snapshot = snapshots / f"step_{step:06d}.pt"
+                    if (mode, train_seed, step) in curve_done or not snapshot.exists():
+                        continue
+                    net, meta = load_model(snapshot)
+                    op, y = problem("kspace", 4)
+                    curve_record(
+                        on_device(net), meta, rc, op, y, seed, mode, train_seed, step, keep, curve
+                    )
                 path = save()
     print(f"wrote {path}")
     return path
+
+
+def on_device(net: torch.nn.Module) -> torch.nn.Module:
+    """The network on the GPU when there is one (the samplers' own tensors stay on the CPU)."""
+    if torch.cuda.is_available():
+        return OnDevice(net, "cuda")
+    return net
 
 
 def diffusion_fields(setting: str, mode: str, level: float, sampler: str, seed: int) -> dict:

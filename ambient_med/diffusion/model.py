@@ -147,6 +147,25 @@ class AmbientDenoiser(nn.Module):
         return self.unet(torch.cat(parts, dim=1), timesteps=t)
 
 
+class OnDevice(nn.Module):
+    """A denoiser run on ``device`` for callers whose tensors stay on the CPU.
+
+    The samplers and operators work on CPU tensors (small FFTs and masks); only the network
+    call moves. Inputs go to ``device``, x̂0 comes back to the CPU as float32, and autograd
+    passes through both copies, so DPS's gradient through the network still works.
+    """
+
+    def __init__(self, net: nn.Module, device: torch.device | str) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.net = net.to(self.device)
+
+    def forward(self, z: torch.Tensor, mask_image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Same shapes as the wrapped denoiser's; the result is on the CPU."""
+        moved = (x.to(self.device) for x in (z, mask_image, t))
+        return self.net(*moved).float().cpu()
+
+
 def build_denoiser(
     model_cfg: Mapping[str, Any],
     image_channels: int,

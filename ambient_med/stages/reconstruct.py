@@ -214,8 +214,10 @@ def retrospective(
     validation: np.ndarray,
     keys: list[str],
     seed: int,
+    with_baselines: bool = True,
 ):
-    """Undersamples the hold-out rows of ``store`` at one acceleration and runs the baselines.
+    """Undersamples the hold-out rows of ``store`` at one acceleration and runs the baselines
+    (unless ``with_baselines`` is false: then the dictionaries are empty and λ is None).
 
     Returns:
         (A, y, {method: magnitudes}, {method: seconds per slice}, CS λ) — the diffusion
@@ -224,6 +226,8 @@ def retrospective(
     tag = f"R{acceleration:g}"
     acq = acquisition(rc, acceleration, store.images.shape[-1], seed)
     op, y = undersample(acq, store, holdout, keys, f"holdout-{tag}")
+    if not with_baselines:
+        return op, y, {}, {}, None
     val_op, val_y = undersample(acq, store, validation, keys, f"validation-{tag}")
     val = (val_op, val_y, store.images[validation])
     results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]))

@@ -321,6 +321,33 @@ def _train(
     return data, prov
 
 
+def model_file(
+    cfg: dict[str, Any], data: TrainingSet, state: dict[str, Any], prov: dict[str, Any]
+) -> dict[str, Any]:
+    """The model file's contents for a :meth:`Trainer.state_dict` ``state``: its EMA weights
+    (on the CPU) and what sampling and reconstruction need to know of the training run."""
+    model = {
+        "format": MODEL_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in ema_weights(state).items()},
+        "steps": int(state["step"]),
+        "mode": cfg["cohort"]["train_mode"],
+        "kind": data.kind,
+        "image_channels": data.image_channels,
+        "image_size": data.image_shape[-1],
+        "delta": float(cfg["train"]["delta"]),
+        "model": cfg["model"],
+        "scheduler": cfg["scheduler"],
+        "corrupt": cfg["corrupt"],
+        "cohort": cfg["cohort"]["name"],
+        "seed": cfg["cohort"]["seed"],
+        "provenance": prov,
+    }
+    if data.masks is not None and data.kind == "native":
+        # An acquired mask of the training data: Ã_inf at sampling redraws B on it.
+        model["native_line_mask"] = data.masks[0].tolist()
+    return model
+
+
 def _finish(
     cfg: dict[str, Any],
     data: TrainingSet,
@@ -333,30 +360,11 @@ def _finish(
 ) -> None:
     """Writes the model file (EMA weights of the final checkpoint), the loss log, its plot and
     the provenance table."""
-    train_cfg = cfg["train"]
     loss_log = Path(checkpoint_dir) / "loss.csv"
     state = load_torch(Path(checkpoint_dir) / "last.pt")
     total = int(state["step"])
     kind = data.kind
-    model = {
-        "format": MODEL_FORMAT,
-        "state_dict": ema_weights(state),
-        "steps": total,
-        "mode": cfg["cohort"]["train_mode"],
-        "kind": kind,
-        "image_channels": data.image_channels,
-        "image_size": data.image_shape[-1],
-        "delta": float(train_cfg["delta"]),
-        "model": cfg["model"],
-        "scheduler": cfg["scheduler"],
-        "corrupt": cfg["corrupt"],
-        "cohort": cfg["cohort"]["name"],
-        "seed": cfg["cohort"]["seed"],
-        "provenance": prov,
-    }
-    if data.masks is not None and kind == "native":
-        # An acquired mask of the training data: Ã_inf at sampling redraws B on it.
-        model["native_line_mask"] = data.masks[0].tolist()
+    model = model_file(cfg, data, state, prov)
     save_torch(model_out, model)
     with atomic_path(loss_out) as tmp:
         tmp.write_bytes(loss_log.read_bytes())
