@@ -37,15 +37,23 @@ def commit() -> str:
 
 
 def write_results(
-    name: str, started: float, rows: list[dict[str, Any]], folder: Path = RESULTS
+    name: str,
+    started: float,
+    rows: list[dict[str, Any]],
+    folder: Path = RESULTS,
+    scored_on: tuple[str, str] | None = None,
 ) -> Path:
-    """Writes ``benchmarks/results/NAME.json`` (CPU) or ``NAME.gpu.json`` (GPU) atomically."""
+    """Writes ``benchmarks/results/NAME.json`` (CPU) or ``NAME.gpu.json`` (GPU) atomically.
+
+    ``scored_on``: ``(kind, description)`` of the machine that computed the rows, when they are
+    only gathered here (scores computed on a GPU machine, aggregated on a CPU one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    suffix = ".gpu.json" if machine_kind() == "gpu" else ".json"
+    kind, machine = scored_on or (machine_kind(), machine_description())
+    suffix = ".gpu.json" if kind == "gpu" else ".json"
     path = folder / f"{name}{suffix}"
     payload = {
         "commit": commit(),
-        "machine": machine_description(),
+        "machine": machine,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),

@@ -8,7 +8,7 @@ curve), again one process per model, with ``reconstruction.py``'s own code; thei
 are merged and written as ``reconstruction.gpu.json`` (same contract as the CPU file),
 ``reconstruction_curve.gpu.json`` and their Markdown and PNG.
 
-    python benchmarks/gpu.py --workdir benchmarks/work/gpu --results OUT --overlay config/gpu.yaml
+    bash benchmarks/gpu.sh    # python benchmarks/gpu.py run --overlay benchmarks/gpu.yaml ...
 
 Every random draw is seeded as on the CPU; what the wall-clock budget decides is only how many
 steps each model reaches, and the scored step is the same for every model of a setting.
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_config, start  # noqa: E402
+from common import demo_slices, load_config, start  # noqa: E402
 from reconstruction import main as reconstruction_main  # noqa: E402
 from reconstruction import training_stores  # noqa: E402
 
@@ -283,7 +283,7 @@ def pack_models(work: Path, todo: list[tuple], results: Path) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "train"):
+    for name in ("run", "train", "prepare"):
         p = sub.add_parser(name)
         p.add_argument("--config", type=Path, default=Path("config/config.yaml"))
         p.add_argument("--overlay", type=Path, default=None)
@@ -311,5 +311,7 @@ if __name__ == "__main__":
     arguments = parse()
     if arguments.command == "train":
         train_one(arguments)
+    elif arguments.command == "prepare":  # the slice store alone, e.g. for a GPU machine
+        print(demo_slices(load_config(arguments.config, arguments.overlay), arguments.workdir))
     else:
         run(arguments)

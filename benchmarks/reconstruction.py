@@ -426,6 +426,13 @@ def main(argv: list[str] | None = None) -> Path:
         help="only rewrite the result files from the scores already in --scores",
     )
     parser.add_argument(
+        "--scored-on",
+        nargs=2,
+        metavar=("KIND", "MACHINE"),
+        help="with --aggregate-only: the machine that computed the scores (cpu or gpu, and its "
+        "description); gpu names the files NAME.gpu.json",
+    )
+    parser.add_argument(
         "--skip-baselines",
         action="store_true",
         help="score only the diffusion methods (another run scores zero-filled and CS)",
@@ -484,17 +491,19 @@ def main(argv: list[str] | None = None) -> Path:
         f"inpainting test; native: {NATIVE_COILS}-coil R = 4 training, {NATIVE_COILS}-coil test."
     )
 
+    scored_on = tuple(args.scored_on) if args.scored_on else None
+    gpu = (scored_on[0] if scored_on else machine_kind()) == "gpu"
+
     def save() -> Path:
         rows = aggregate(records)
-        path = write_results("reconstruction", started, rows, results_dir)
+        path = write_results("reconstruction", started, rows, results_dir, scored_on)
         total = config["train"]["steps"]
         if curve:
             rows_curve = curve_rows(curve, total)
-            write_results("reconstruction_curve", started, rows_curve, results_dir)
-            suffix_png = ".gpu.png" if machine_kind() == "gpu" else ".png"
+            write_results("reconstruction_curve", started, rows_curve, results_dir, scored_on)
+            suffix_png = ".gpu.png" if gpu else ".png"
             curve_png(results_dir / f"reconstruction_curve{suffix_png}", rows_curve, records)
-        suffix = ".gpu.md" if machine_kind() == "gpu" else ".md"
-        write_markdown(rows, results_dir / f"reconstruction{suffix}", note)
+        write_markdown(rows, results_dir / f"reconstruction{'.gpu' if gpu else ''}.md", note)
         return path
 
     def keep(into: list[dict], images: np.ndarray, seconds: float, **fields) -> None:
