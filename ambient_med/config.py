@@ -121,6 +121,12 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
             f"config key 'train.batch_size': {train['batch_size']} examples do not split evenly "
             f"over the {processes} processes of train.distributed"
         )
+    low, high = train["further_acceleration"]
+    if low > high:
+        raise AmbientMedError(
+            f"config key 'train.further_acceleration': [{low:g}, {high:g}] is not a range "
+            "(low must not exceed high)"
+        )
     if train["distributed"]["nnodes"] > 1 and not train["distributed"]["rdzv_endpoint"]:
         raise AmbientMedError(
             "config key 'train.distributed.rdzv_endpoint': nnodes > 1 needs the host:port of "

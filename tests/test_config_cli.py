@@ -45,6 +45,14 @@ def test_defaults_are_filled_per_cohort_without_sharing():
         ),
         ({"cohorts": {"demo": {"demo": True}}, "trian": {}}, "trian"),
         ({"cohorts": {"demo": {"demo": True}}, "train": {"stpes": 3}}, "train.stpes"),
+        (
+            {"cohorts": {"demo": {"demo": True}}, "train": {"further_acceleration": [3, 1]}},
+            "train.further_acceleration",
+        ),
+        (
+            {"cohorts": {"demo": {"demo": True}}, "train": {"further_acceleration": [2]}},
+            "train.further_acceleration",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(patch, key):

@@ -98,6 +98,24 @@ def test_further_kspace_mask_drops_only_non_acs_lines(acceleration):
     assert torch.equal(tilde.sum(-1), expected)
 
 
+def test_further_acceleration_range_thins_each_row_between_its_bounds():
+    # 320 columns, R = 4 (80 lines): R + 1 keeps 64, R + 3 keeps floor(320·80 / 560) = 45.
+    func = LineMaskFunc([20 / 320], [4], "equispaced")
+    line_mask = torch.from_numpy(np.stack([func(320, seed=s) for s in range(64)]))
+    published = further_kspace_mask(line_mask, torch.Generator().manual_seed(0))
+    # (1, 1) draws no k: the same B, bit for bit, as the published rule.
+    same = further_kspace_mask(line_mask, torch.Generator().manual_seed(0), (1.0, 1.0))
+    assert torch.equal(same, published)
+    fixed = further_kspace_mask(line_mask, torch.Generator().manual_seed(0), (3.0, 3.0))
+    assert (fixed.sum(-1) == 45).all()
+    ranged = further_kspace_mask(line_mask, torch.Generator().manual_seed(0), (1.0, 3.0))
+    kept = ranged.sum(-1)
+    assert ((kept >= 45) & (kept <= 64)).all()
+    assert len(torch.unique(kept)) > 5  # k differs from row to row
+    assert not (ranged & ~line_mask).any()
+    assert torch.equal(ranged & acs_lines(line_mask), acs_lines(line_mask))
+
+
 def test_further_masks_depend_on_the_generator_only():
     line_mask = torch.from_numpy(LineMaskFunc([0.08], [4], "random")(64, seed=1))[None]
     a = further_kspace_mask(line_mask, torch.Generator().manual_seed(3))

@@ -65,6 +65,7 @@ class TrainingSet:
         further_masks: Ã = B A's masks when B is fixed per example (ambient only).
         maps: coil sensitivity maps ``(N, coils, H, W)`` complex (native ambient only).
         delta: pixel-mode probability that B hides an observed pixel.
+        further_acceleration: k-space: Ã samples at R + k, k uniform in this ``(low, high)``.
     """
 
     targets: torch.Tensor
@@ -74,6 +75,7 @@ class TrainingSet:
     further_masks: torch.Tensor | None = None
     maps: torch.Tensor | None = None
     delta: float = 0.1
+    further_acceleration: tuple[float, float] = (1.0, 1.0)
 
     @property
     def image_channels(self) -> int:
@@ -124,7 +126,7 @@ class TrainingSet:
         if self.further_masks is not None:
             tilde = self.further_masks[idx]
         else:
-            tilde = _draw_further(self.kind, mask, self.delta, generator)
+            tilde = _draw_further(self.kind, mask, self.delta, generator, self.further_acceleration)
         maps = self.maps[idx[shard]].to(device) if self.maps is not None else None
         mask, tilde = mask[shard].to(device), tilde[shard].to(device)
         op = measurement_operator(self.kind, mask, h, maps)
@@ -189,21 +191,30 @@ def concatenate(parts: list[TrainingSet], names: list[str]) -> TrainingSet:
 
 
 def _draw_further(
-    kind: str, mask: torch.Tensor, delta: float, generator: torch.Generator
+    kind: str,
+    mask: torch.Tensor,
+    delta: float,
+    generator: torch.Generator,
+    further_acceleration: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     if kind == "pixel":
         return further_pixel_mask(mask.bool()[:, None], delta, generator)[:, 0]
-    return further_kspace_mask(mask.bool(), generator)
+    return further_kspace_mask(mask.bool(), generator, further_acceleration)
 
 
 def fixed_further_masks(
-    kind: str, masks: torch.Tensor, example_keys: list[str], delta: float, seed: int
+    kind: str,
+    masks: torch.Tensor,
+    example_keys: list[str],
+    delta: float,
+    seed: int,
+    further_acceleration: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Ã masks fixed per example, each seeded by (cohort seed, example key) as published."""
     rows = []
     for n, key in enumerate(example_keys):
         generator = torch.Generator().manual_seed(derive_seed(seed, "further", key))
-        rows.append(_draw_further(kind, masks[n : n + 1], delta, generator))
+        rows.append(_draw_further(kind, masks[n : n + 1], delta, generator, further_acceleration))
     return torch.cat(rows)
 
 

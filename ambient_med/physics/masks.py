@@ -99,23 +99,35 @@ def acs_lines(line_mask: torch.Tensor) -> torch.Tensor:
     return observed & (idx > left) & (idx < right)
 
 
-def further_line_count(num_cols: int, num_observed: torch.Tensor) -> torch.Tensor:
+def further_line_count(
+    num_cols: int, num_observed: torch.Tensor, extra: float | torch.Tensor = 1.0
+) -> torch.Tensor:
     """Lines that the further-corrupted operator Ã = B A keeps.
 
-    Ã samples at acceleration R + 1 where A samples at R = W / n, i.e. it keeps
-    ``floor(W n / (W + n))`` lines: 106, 64, 45, 35 of 320 columns for R = 2, 4, 6, 8, the
-    published arithmetic of docs/method.md
+    Ã samples at acceleration R + ``extra`` where A samples at R = W / n, i.e. it keeps
+    ``floor(W n / (W + extra · n))`` lines. With ``extra = 1``, the published arithmetic of
+    docs/method.md: 106, 64, 45, 35 of 320 columns for R = 2, 4, 6, 8.
     """
-    return torch.div(num_cols * num_observed, num_cols + num_observed, rounding_mode="floor")
+    if isinstance(extra, float | int) and extra == 1:  # integer arithmetic, as published
+        return torch.div(num_cols * num_observed, num_cols + num_observed, rounding_mode="floor")
+    kept = num_cols * num_observed / (num_cols + extra * num_observed)
+    return torch.floor(kept).long()
 
 
-def further_kspace_mask(line_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def further_kspace_mask(
+    line_mask: torch.Tensor,
+    generator: torch.Generator,
+    extra_acceleration: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:
     """Draws B for k-space: drops observed non-ACS lines until Ã keeps
     :func:`further_line_count` lines (never fewer than the ACS lines).
 
     Args:
         line_mask: ``(N, W)`` boolean mask of A.
         generator: CPU generator; the draw depends on it alone.
+        extra_acceleration: ``(low, high)``: Ã samples at R + k, with k drawn uniformly in
+            [low, high] per row (``train.further_acceleration``); (1, 1) is the published
+            R + 1 and draws nothing for k.
 
     Returns:
         ``(N, W)`` boolean mask of Ã = B A (a subset of ``line_mask``).
@@ -124,7 +136,12 @@ def further_kspace_mask(line_mask: torch.Tensor, generator: torch.Generator) -> 
     num_cols = line_mask.shape[-1]
     acs = acs_lines(line_mask)
     droppable = line_mask & ~acs
-    keep_total = further_line_count(num_cols, line_mask.sum(-1))
+    low, high = (float(v) for v in extra_acceleration)
+    extra: float | torch.Tensor = low
+    if high > low:
+        extra = low + (high - low) * torch.rand(line_mask.shape[0], generator=generator)
+        extra = extra.to(line_mask.device)
+    keep_total = further_line_count(num_cols, line_mask.sum(-1), extra)
     to_drop = (line_mask.sum(-1) - keep_total).clamp(min=0)
     to_drop = torch.minimum(to_drop, droppable.sum(-1))
     # Random scores on the CPU generator; non-droppable columns sort last.

@@ -79,6 +79,7 @@ def load_examples(
     b_redraw: bool,
     seed: int,
     cohort: str = "",
+    further_acceleration: tuple[float, float] = (1.0, 1.0),
 ) -> TrainingSet:
     """The ``split`` rows of a store as a training mode sees them (docs/method.md).
 
@@ -111,5 +112,15 @@ def load_examples(
     further = None
     if not b_redraw:
         keys = example_keys(meas.index.subjects, meas.index.subject, meas.index.slice_index)
-        further = fixed_further_masks(kind, masks, [keys[r] for r in rows], delta, seed)
-    return TrainingSet(y, kind, mode, masks=masks, further_masks=further, maps=maps, delta=delta)
+        rows_keys = [keys[r] for r in rows]
+        further = fixed_further_masks(kind, masks, rows_keys, delta, seed, further_acceleration)
+    return TrainingSet(
+        y,
+        kind,
+        mode,
+        masks=masks,
+        further_masks=further,
+        maps=maps,
+        delta=delta,
+        further_acceleration=further_acceleration,
+    )

@@ -110,6 +110,7 @@ def load_training_set(cfg: dict[str, Any], input_path: Path | Sequence[Path]) ->
             b_redraw=cfg["train"]["b_redraw"],
             seed=member["seed"],
             cohort=member["name"],
+            further_acceleration=tuple(cfg["train"]["further_acceleration"]),
         )
         for path, member in zip(paths, members, strict=True)
     ]
