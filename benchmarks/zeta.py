@@ -6,8 +6,12 @@ beside the DC sampler on the same slices; one posterior sample, ``--sampling-ste
 Rows: ``{model, steps, coils, R, sampling_steps, zeta, dps, dc}`` (PSNR in dB).
 
     python benchmarks/zeta.py --slices benchmarks/work/gpu/slices.h5 \\
-        --overlay benchmarks/gpu.yaml --model ambient_seed0/model.pt:1 \\
-        --model native_ambient_seed0/model.pt:4 --accelerations 2 4 --zetas 0.5 1 2 4 8
+        --overlay benchmarks/gpu.yaml \\
+        --model benchmarks/work/gpu_run1/models/ambient_seed0/model.fp16.pt:1 \\
+        --model benchmarks/work/gpu_run1/models/native_ambient_seed0/model.fp16.pt:4 \\
+        --accelerations 2 4 --zetas 0.5 1 2 4 8
+
+(the models of ``gpu.sh``'s ``models_kspace.tar`` and ``models_other.tar``, unpacked).
 
 ``--model PATH:COILS`` tests the model through COILS simulated coils (1 for k-space models,
 the training coil count for native ones). Model files in float16 (gpu.sh's archives) load as

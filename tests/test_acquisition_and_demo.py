@@ -175,6 +175,12 @@ def test_bootstrap_interval_on_known_samples():
     assert np.subtract(*bootstrap_ci(table)[::-1]) > 1.0
 
 
+def test_acquisition_masks_do_not_depend_on_how_r_is_written():
+    # R = 4 from a YAML config (an int) and from a command line (a float) are one acquisition.
+    masks = [Acquisition(r, 0.08, "random", 64, seed=3).operator(["a", "b"]) for r in (4, 4.0)]
+    assert torch.equal(masks[0].line_mask, masks[1].line_mask)
+
+
 def test_acquisition_operator_matches_fft(head_slices):
     acq = Acquisition(4, 0.08, "random", 48, seed=3)
     op = acq.operator(["a", "b", "c"])

@@ -148,7 +148,8 @@ class Acquisition:
         self.maps = torch.from_numpy(birdcage(self.coils, size, size)) if self.coils > 1 else None
         self.size = size
         self.seed = seed
-        self.acceleration = acceleration
+        # A float, so that R = 4 and R = 4.0 seed the same masks (derive_seed prints it).
+        self.acceleration = float(acceleration)
         self.phase = phase
 
     def operator(self, keys: Sequence[str]) -> MaskedOperator:
