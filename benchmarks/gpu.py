@@ -53,10 +53,15 @@ def model_dir(work: Path, setting: str, mode: str, seed: int) -> Path:
     return work / name
 
 
-def jobs(seeds: list[int], pixel_seeds: list[int], native_seeds: list[int]) -> list[tuple]:
-    """(setting, mode, seed) of every model: k-space all modes, pixel all modes, native
-    ambient."""
-    out = [("kspace", m, s) for s in seeds for m in ("ambient", "naive", "clean")]
+def jobs(
+    seeds: list[int],
+    pixel_seeds: list[int],
+    native_seeds: list[int],
+    kspace_modes: tuple[str, ...] = ("ambient", "naive", "clean"),
+) -> list[tuple]:
+    """(setting, mode, seed) of every model: k-space ``kspace_modes``, pixel all modes,
+    native ambient."""
+    out = [("kspace", m, s) for s in seeds for m in kspace_modes]
     out += [("pixel", m, s) for s in pixel_seeds for m in ("ambient", "naive", "clean")]
     out += [("native", "ambient", s) for s in native_seeds]
     return out
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
     results.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    todo = jobs(args.seeds, args.pixel_seeds, args.native_seeds)
+    todo = jobs(args.seeds, args.pixel_seeds, args.native_seeds, tuple(args.kspace_modes))
     settings = sorted({s for s, _, _ in todo})
     training_stores(config, work, settings)
     log.info("stores ready after %.0f s", time.time() - began)
@@ -121,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
         command = [sys.executable, str(HERE), "train", *common, "--setting", setting]
         command += ["--mode", mode, "--seed", str(seed), "--until", str(until)]
         command += ["--snapshot-every", str(args.snapshot_every)]
+        command += ["--max-steps", str(args.max_steps)]
         handle = open(logs / f"train_{setting}_{mode}_{seed}.log", "w")
         trainers.append(
             (
@@ -140,33 +146,17 @@ def run(args: argparse.Namespace) -> None:
         "--posterior-samples",
         str(args.posterior_samples),
         "--inference-masks",
-        "fixed",
-        "fresh",
+        *args.inference_masks,
         "--accelerations",
-        "4",
-        "8",
-        "2",
-        "6",
+        *[f"{r:g}" for r in args.accelerations],
         "--threads",
         "1",
     ]
     score_args += ["--overlay", str(args.overlay)] if args.overlay else []
-    try:
-        reconstruction_main(
-            [
-                *score_args,
-                "--seeds",
-                "--settings",
-                *settings,
-                "--scores",
-                "scores_baselines.jsonl",
-                "--results",
-                str(work / "results_baselines"),
-            ]
-        )
-        log.info("baselines scored after %.0f s", time.time() - began)
-    except Exception:  # the diffusion scores are still worth having without them
-        log.exception("baselines failed")
+    if args.no_baselines:  # scored by an earlier run on the same test problems
+        log.info("baselines not scored (--no-baselines)")
+    else:
+        score_baselines(score_args, settings, work, began)
     if shutil.which("nvidia-smi"):
         query = ["--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader"]
         load = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, check=False)
@@ -261,6 +251,26 @@ def run(args: argparse.Namespace) -> None:
     log.info("done after %.0f s", time.time() - began)
 
 
+def score_baselines(score_args: list[str], settings: list[str], work: Path, began: float) -> None:
+    """Zero-filled and CS on every test problem, into ``scores_baselines.jsonl``."""
+    try:
+        reconstruction_main(
+            [
+                *score_args,
+                "--seeds",
+                "--settings",
+                *settings,
+                "--scores",
+                "scores_baselines.jsonl",
+                "--results",
+                str(work / "results_baselines"),
+            ]
+        )
+        log.info("baselines scored after %.0f s", time.time() - began)
+    except Exception:  # the diffusion scores are still worth having without them
+        log.exception("baselines failed")
+
+
 def pack_models(work: Path, todo: list[tuple], results: Path) -> None:
     """The scored models' weights in float16, two archives (under 16 MiB each), so that they
     can be scored again or audited elsewhere."""
@@ -297,6 +307,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     run_p.add_argument("--train-seconds", type=float, default=280.0)
     run_p.add_argument("--total-seconds", type=float, default=480.0, help="scoring ends by then")
     run_p.add_argument("--sampling-steps", type=int, default=30)
+    run_p.add_argument("--kspace-modes", nargs="+", default=["ambient", "naive", "clean"])
+    run_p.add_argument("--max-steps", type=int, default=1_000_000, help="per model")
+    run_p.add_argument("--accelerations", type=float, nargs="+", default=[4, 8, 2, 6])
+    run_p.add_argument("--inference-masks", nargs="*", default=["fixed", "fresh"])
+    run_p.add_argument("--no-baselines", action="store_true", help="diffusion scores only")
     run_p.add_argument("--posterior-samples", type=int, default=4)
     train_p = sub.choices["train"]
     train_p.add_argument("--setting", choices=("kspace", "pixel", "native"), required=True)
