@@ -156,3 +156,42 @@ def test_ablation_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch)
     assert again == rows
     with pytest.raises(Exception, match="section.key=value"):
         ablation.main([*argv[:5], "--variant", "bad", "unmeasured_scale"])
+
+
+def test_gpu_benchmark_trains_models_side_by_side_and_scores_their_snapshots(tmp_path, monkeypatch):
+    # On the CPU, tiny: two models train at once to a fixed step count (not a time budget),
+    # then are scored at their last common snapshot, the curve at an earlier one.
+    import tarfile
+
+    import torch
+
+    from ambient_med.diffusion.model import build_denoiser
+
+    monkeypatch.chdir(REPO)
+    gpu = _benchmark("gpu")
+    out = tmp_path / "out"
+    argv = ["run", "--overlay", "config/tiny.yaml", "--workdir", str(tmp_path / "work")]
+    argv += ["--results", str(out), "--seeds", "0", "--kspace-modes", "ambient", "naive"]
+    argv += ["--native-seeds", "--max-steps", "6", "--snapshot-every", "3"]
+    argv += ["--train-seconds", "600", "--total-seconds", "1200", "--no-baselines"]
+    argv += ["--inference-masks", "--accelerations", "4", "--sampling-steps", "2"]
+    argv += ["--posterior-samples", "1"]
+    gpu.run(gpu.parse(argv))
+    rows = json.loads((out / "reconstruction.json").read_text())["rows"]
+    by = {(r["method"], r["train_mode"], r["sampler"], r["R"]): r for r in rows}
+    for mode in ("ambient", "naive"):
+        for sampler in ("dc", "dps", "one_step"):
+            assert by[("diffusion", mode, sampler, 4.0)]["seeds"] == 1
+    assert ("difference", "ambient-naive", "dc", 4.0) in by
+    curve = json.loads((out / "reconstruction_curve.json").read_text())["rows"]
+    assert {(r["train_mode"], r["step"]) for r in curve} >= {("ambient", 3), ("naive", 6)}
+    with tarfile.open(out / "models_kspace.tar") as tar:
+        assert json.loads(tar.extractfile("ambient_seed0/train.json").read())["steps"] == 6
+        tar.extract("ambient_seed0/model.fp16.pt", tmp_path / "models")
+    state = torch.load(tmp_path / "models" / "ambient_seed0" / "model.fp16.pt", weights_only=True)
+    assert state["steps"] == 6
+    assert all(
+        v.dtype == torch.float16 for v in state["state_dict"].values() if v.is_floating_point()
+    )
+    net = build_denoiser(state["model"], state["image_channels"], state["scheduler"])
+    net.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
