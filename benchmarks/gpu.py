@@ -35,7 +35,7 @@ from reconstruction import main as reconstruction_main  # noqa: E402
 from reconstruction import training_stores  # noqa: E402
 
 from ambient_med.config import stage_config  # noqa: E402
-from ambient_med.io.store import save_torch  # noqa: E402
+from ambient_med.io.store import load_torch, save_torch  # noqa: E402
 from ambient_med.stages.train import (  # noqa: E402
     build_trainer,
     load_training_set,
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
         name = f"{setting}_{mode}_{seed}"
         command = [
             sys.executable,
-            str(Path(__file__).resolve().parent / "reconstruction.py"),
+            str(HERE.parent / "reconstruction.py"),
             *score_args,
             "--seeds",
             str(seed),
@@ -280,10 +280,10 @@ def pack_models(work: Path, todo: list[tuple], results: Path) -> None:
                 folder = model_dir(work, setting, mode, seed)
                 if (setting == "kspace") != wanted or not (folder / "model.pt").exists():
                     continue
-                state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+                state = load_torch(folder / "model.pt", what="model")
                 state["state_dict"] = {k: v.half() for k, v in state["state_dict"].items()}
                 half = folder / "model.fp16.pt"
-                torch.save(state, half)
+                save_torch(half, state)
                 tar.add(half, arcname=f"{folder.name}/model.fp16.pt")
                 for extra in ("loss.csv", "train.json"):
                     if (folder / extra).exists():

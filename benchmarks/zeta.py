@@ -15,7 +15,7 @@ Rows: ``{model, steps, coils, R, sampling_steps, zeta, dps, dc}`` (PSNR in dB).
 
 ``--model PATH:COILS`` tests the model through COILS simulated coils (1 for k-space models,
 the training coil count for native ones). Model files in float16 (gpu.sh's archives) load as
-float32.
+float32 (``load_state_dict`` casts).
 """
 
 from __future__ import annotations
@@ -25,25 +25,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_config, start, write_results  # noqa: E402
 
-from ambient_med.diffusion.model import build_denoiser  # noqa: E402
 from ambient_med.evaluation.metrics import per_volume_metrics  # noqa: E402
-from ambient_med.io.store import load_torch, read_slices  # noqa: E402
-from ambient_med.stages.common import example_keys, spread_rows  # noqa: E402
+from ambient_med.io.store import read_slices  # noqa: E402
+from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
-
-
-def load_any_precision(path: Path) -> tuple[torch.nn.Module, dict]:
-    """A model file's EMA denoiser in float32, whatever precision its weights were saved in."""
-    state = load_torch(path, what="model")
-    net = build_denoiser(state["model"], int(state["image_channels"]), state["scheduler"])
-    net.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
-    net.eval()
-    return net, {k: v for k, v in state.items() if k != "state_dict"}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -75,7 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
     results = []
     for spec in args.model:
         path, _, coils = spec.rpartition(":")
-        net, meta = load_any_precision(Path(path))
+        net, meta = load_model(path)  # float16 weights load into the float32 network
         for accel in args.accelerations:
             problem_rc = rc | {"coils": int(coils)}
             op, y, *_ = retrospective(
