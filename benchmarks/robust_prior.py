@@ -1,15 +1,19 @@
-"""Does a contrast- and plane-randomised demo prior help on scans unlike the demo cohort?
+"""Does a contrast-, plane- and scale-randomised demo prior help on scans unlike the demo cohort?
 
-Two ambient k-space models of the demo cohort, the same budget and subjects: ``t1w_axial`` (the
-default demo: T1-weighted, axial) and ``mixed`` (``demo.contrast: mixed``, ``demo.orientation:
-mixed`` — SynthSeg-style randomisation of contrast and slice plane). Each reconstructs the same
-new scans the way a user would, through ``reconstruct.input``: real MR slices that ship with
-nibabel and pydicom (T1-weighted ``anatomical.nii``, the T2*-weighted EPI ``example4d``, the
-spin-echo ``MR_small``) and demo heads neither model saw (T1w / T2w / PD axial, T1w coronal),
-each given a smooth phase, 4 coils and R = 4 (equispaced, 20 % centre) and written as fastMRI
-files. Rows: ``{model, scan, psnr: {method: dB}, domain_shift_score, domain_shift_threshold,
-out_of_distribution, prior_gain}`` with zero-filled and CS beside the diffusion samplers (PSNR
-against the fully sampled coil-combined image, on the model's intensity scale).
+Three ambient k-space models of the demo cohort, the same budget and subjects: ``t1w_axial``
+(the default demo: T1-weighted, axial, whole head), ``mixed`` (``demo.contrast: mixed``,
+``demo.orientation: mixed`` — SynthSeg-style randomisation of contrast and slice plane) and
+``mixed_zoom`` (the same, with ``demo.zoom: [1, 4]``: fields of view down to a quarter of the
+head). Each reconstructs the same new scans the way a user would, through
+``reconstruct.input``: real MR slices that ship with nibabel and pydicom (T1-weighted
+``anatomical.nii``, a 66 x 82 mm crop of a brain; the T2*-weighted EPI ``example4d``; the
+spin-echo ``MR_small``), demo heads no model saw (T1w / T2w / PD axial, T1w coronal), and two
+controls for the field of view (the unseen T1w head cropped as the real T1 is, the real T1
+zero-padded into a whole-head field of view), each given a smooth phase, 4 coils and R = 4
+(equispaced, 20 % centre) and written as fastMRI files. Rows: ``{model, scan, psnr: {method:
+dB}, domain_shift_score, domain_shift_threshold, out_of_distribution, prior_gain}`` with
+zero-filled and CS beside the diffusion samplers (PSNR against the fully sampled
+coil-combined image, on the model's intensity scale).
 
     python benchmarks/robust_prior.py            # CPU: a few minutes per model
     python benchmarks/robust_prior.py --short    # seconds: the test suite's version
@@ -46,8 +50,11 @@ from ambient_med.physics.masks import LineMaskFunc  # noqa: E402
 from ambient_med.stages import corrupt, reconstruct, train  # noqa: E402
 
 MODELS = {
-    "t1w_axial": {"contrast": "t1w", "orientation": "axial"},
-    "mixed": {"contrast": "mixed", "orientation": "mixed"},
+    "t1w_axial": {"contrast": "t1w", "orientation": "axial", "zoom": [1.0, 1.0]},
+    "mixed": {"contrast": "mixed", "orientation": "mixed", "zoom": [1.0, 1.0]},
+    # ... and scale: crops down to a quarter of the head's extent (nibabel's T1 is a
+    # 66 x 82 mm crop of a brain; a demo head cropped alike is as far out of distribution).
+    "mixed_zoom": {"contrast": "mixed", "orientation": "mixed", "zoom": [1.0, 4.0]},
 }
 # Demo heads no model saw: (contrast, plane).
 NEW_HEADS = {
@@ -102,6 +109,25 @@ def demo_head(contrast: str, plane: str, size: int, voxel_mm: float = 3.0) -> np
     planes = planes.numpy()
     covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.3
     return planes[covered][::4]
+
+
+def field_of_view_controls(real_t1: np.ndarray, voxel_mm: float = 2.0) -> dict[str, np.ndarray]:
+    """Two controls for the real T1's field of view, a 66 x 82 mm crop of the brain at 2 mm
+    (33 x 41 voxels): the unseen demo T1w head cropped alike (``demo_t1w_crop``: anatomy
+    the demo knows, the real scan's field of view), and the real slices zero-padded into a
+    220 mm whole-head field of view (``t1_anatomical_padded``)."""
+    tissues, _ = load_template(voxel_mm)
+    volume = posed(pseudo_subject(tissues, NEW_HEAD_SEED, voxel_mm, "t1w"), "axial")
+    planes = np.moveaxis(volume, 2, 0)
+    covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.3
+    height, width = real_t1.shape[1:]
+    x0, y0 = (planes.shape[1] - height) // 2, (planes.shape[2] - width) // 2
+    crop = planes[covered][::4, x0 : x0 + height, y0 : y0 + width]
+    side = round(220 / voxel_mm)
+    padded = np.zeros((len(real_t1), side, side), np.float32)
+    px, py = (side - height) // 2, (side - width) // 2
+    padded[:, px : px + height, py : py + width] = real_t1
+    return {"demo_t1w_crop": crop, "t1_anatomical_padded": padded}
 
 
 def write_scan(folder: Path, name: str, slices: np.ndarray, seed: int) -> np.ndarray:
@@ -159,8 +185,11 @@ def main(argv: list[str] | None = None) -> Path:
     scans = work / "new_scans"
     truths: dict[str, np.ndarray] = {}
     heads = {name: demo_head(c, p, args.image_size) for name, (c, p) in NEW_HEADS.items()}
-    new = {**real_slices(), **heads}
+    real = real_slices()
+    new = {**real, **heads, **field_of_view_controls(real["t1_anatomical"])}
     scans.mkdir(exist_ok=True)
+    for stale in scans.glob("*.h5"):  # an earlier run's scan list may have been another
+        stale.unlink()
     # reconstruct.input reads files in name order and names them new000, new001, ...
     names = sorted(new)
     for number, name in enumerate(names):

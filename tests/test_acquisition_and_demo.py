@@ -19,8 +19,10 @@ from ambient_med.io.demo import (
     load_template,
     posed,
     subject_orientation,
+    subject_zoom,
     synthesize_subject,
     template_path,
+    zoomed,
 )
 from ambient_med.physics.acquisition import Acquisition, complex_slices, smooth_phase
 from ambient_med.physics.operators import SingleCoilFourier, fft2c, to_complex
@@ -129,6 +131,28 @@ def test_poses_put_each_anatomical_plane_on_the_slice_axis(tissues):
     assert subject_orientation("coronal", 1234, 3) == "coronal"
     with pytest.raises(AmbientMedError, match="demo.orientation"):
         subject_orientation("oblique", 1234, 0)
+
+
+def test_zoom_crops_the_head_and_keeps_the_affine_true(tissues):
+    volume = synthesize_subject(tissues, 11, 4.0)[0]
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-90.0, -126.0, -72.0]
+    crop, placed = zoomed(volume, affine, 2.5, seed=3)
+    nx, ny, nz = volume.shape
+    assert crop.shape == (round(nx / 2.5), round(ny / 2.5), nz)
+    # The crop is a window of the volume, and its affine puts each voxel where it was.
+    x0, y0, _ = np.round(np.linalg.solve(affine, placed @ [0, 0, 0, 1])[:3]).astype(int)
+    np.testing.assert_array_equal(crop, volume[x0 : x0 + crop.shape[0], y0 : y0 + crop.shape[1]])
+    # Brain, not air: the window holds more head per voxel than the whole plane does.
+    assert (crop > 0.1 * volume.max()).mean() > (volume > 0.1 * volume.max()).mean()
+    assert zoomed(volume, affine, 1.0, seed=3)[0] is volume
+    # [1, 1] draws nothing; a range draws a seeded factor per subject, inside it.
+    assert subject_zoom((1.0, 1.0), 1234, 5) == 1.0
+    factors = [subject_zoom((1.0, 4.0), 1234, s) for s in range(12)]
+    assert all(1.0 <= f <= 4.0 for f in factors) and len(set(factors)) == 12
+    assert factors == [subject_zoom((1.0, 4.0), 1234, s) for s in range(12)]
+    with pytest.raises(AmbientMedError, match="demo.zoom"):
+        subject_zoom((2.0, 1.5), 1234, 0)
 
 
 def test_volume_metrics_match_a_hand_computation():

@@ -365,6 +365,47 @@ def posed(volume: np.ndarray, orientation: str) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(volume, ORIENTATIONS[orientation]))
 
 
+def subject_zoom(zoom: tuple[float, float], seed: int, subject: int) -> float:
+    """The in-plane zoom of demo subject ``subject``: 1 (the whole head in the field of view)
+    when ``zoom`` is ``(1, 1)``, else a seeded draw, uniform in ``[zoom[0], zoom[1]]``."""
+    low, high = float(zoom[0]), float(zoom[1])
+    if not 1.0 <= low <= high:
+        raise AmbientMedError(f"config key 'demo.zoom': need 1 <= low <= high, got {list(zoom)}")
+    if high == 1.0:
+        return 1.0  # draws nothing: cohorts written before the key existed keep their bytes
+    rng = np.random.default_rng(derive_seed(seed, "demo-zoom", subject))
+    return float(rng.uniform(low, high))
+
+
+def zoomed(
+    volume: np.ndarray, affine: np.ndarray, factor: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """An in-plane crop of ``volume`` (X, Y, Z) to ``1 / factor`` of its extent, each slice axis
+    kept whole, and the affine that still places its voxels — the small field of view of a
+    protocol (or a cropped export) that shows part of the brain at the same voxel size.
+
+    The window is centred on the head's centre of mass with a seeded shift of up to a quarter
+    of the room it has. Domain randomisation of scale, as SynthSeg randomises resolution: a
+    prior trained only on whole heads takes a brain crop for another domain.
+    """
+    if factor <= 1.0:
+        return volume, affine
+    rng = np.random.default_rng(seed)
+    profile = volume.clip(min=0).sum(axis=2)
+    starts = []
+    for axis, size in enumerate(volume.shape[:2]):
+        width = max(8, round(size / factor))
+        weights = profile.sum(axis=1 - axis)
+        centre = float((weights * np.arange(size)).sum() / max(weights.sum(), 1e-9))
+        room = size - width
+        start = centre - width / 2 + rng.uniform(-0.25, 0.25) * room
+        starts.append((int(np.clip(round(start), 0, room)), width))
+    (x0, wx), (y0, wy) = starts
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ np.array([x0, y0, 0.0]) + affine[:3, 3]
+    return np.ascontiguousarray(volume[x0 : x0 + wx, y0 : y0 + wy]), shifted
+
+
 def write_demo_cohort(
     out_dir: Path,
     subjects: int,
@@ -373,27 +414,29 @@ def write_demo_cohort(
     seed: int,
     contrast: str = "t1w",
     orientation: str = "axial",
+    zoom: tuple[float, float] = (1.0, 1.0),
 ):
     """Writes the demo inputs into ``out_dir`` (atomically: a temporary folder, then a rename).
 
     Subject ``s`` is :func:`pseudo_subject` with seed ``seed + s``; none is the template.
     ``contrast`` and ``orientation`` (``axial``, ``coronal``, ``sagittal`` or ``mixed``, a
-    seeded choice per subject) set what each subject's slices show.
+    seeded choice per subject) set what each subject's slices show; ``zoom`` the range of
+    its in-plane field of view (:func:`zoomed`; ``(1, 1)``: the whole head).
 
     Returns:
         One ``(relative path, format)`` per written subject.
     """
     tissues, affine = load_template(voxel_mm)
     written = []
-    pose = (subjects, voxel_mm, seed, contrast, orientation)
-    for subject, volume, tmp in _subjects(out_dir, tissues, *pose):
+    pose = (subjects, voxel_mm, seed, contrast, orientation, zoom)
+    for subject, volume, tmp, placed in _subjects(out_dir, tissues, affine, *pose):
         if (subject + 1) % dicom_every == 0:
             name = f"series_{subject:02d}"
-            write_dicom_series(tmp / name, volume, affine, subject, seed)
+            write_dicom_series(tmp / name, volume, placed, subject, seed)
             written.append((name, "dicom"))
         else:
             name = f"volume_{subject:02d}.nii.gz"
-            write_nifti(tmp / name, volume, affine, flip_x=subject % 4 == 2)
+            write_nifti(tmp / name, volume, placed, flip_x=subject % 4 == 2)
             written.append((name, "nifti"))
     return written
 
@@ -409,6 +452,7 @@ def write_demo_raw_cohort(
     center_fraction: float = 0.08,
     min_foreground: float = 0.15,
     orientation: str = "axial",
+    zoom: tuple[float, float] = (1.0, 1.0),
 ) -> list[tuple[str, str]]:
     """Writes the demo subjects as a scanner would have stored an undersampled acquisition:
     one fastMRI-style file per subject (``scan_SS.h5``), multi-coil k-space of its axial
@@ -420,11 +464,11 @@ def write_demo_raw_cohort(
     """
     from ambient_med.physics.masks import LineMaskFunc
 
-    tissues, _ = load_template(voxel_mm)
+    tissues, affine = load_template(voxel_mm)
     masks = LineMaskFunc([center_fraction], [acceleration], "equispaced")
     written = []
-    pose = (subjects, voxel_mm, seed, contrast, orientation)
-    for subject, volume, tmp in _subjects(out_dir, tissues, *pose):
+    pose = (subjects, voxel_mm, seed, contrast, orientation, zoom)
+    for subject, volume, tmp, _ in _subjects(out_dir, tissues, affine, *pose):
         axial = np.moveaxis(volume, 2, 0).astype(np.float32)  # (slices, x, y)
         covered = (axial > 0.1 * axial.max()).mean(axis=(1, 2))
         axial = axial[covered >= min_foreground]
@@ -439,14 +483,17 @@ def write_demo_raw_cohort(
 def _subjects(
     out_dir: Path,
     tissues: np.ndarray,
+    affine: np.ndarray,
     subjects: int,
     voxel_mm: float,
     seed: int,
     contrast: str,
     orientation: str = "axial",
-) -> Iterator[tuple[int, np.ndarray, Path]]:
-    """``(subject, volume, folder to write into)`` for every demo subject; the folder is a
-    temporary sibling of ``out_dir`` that replaces it once every subject is written."""
+    zoom: tuple[float, float] = (1.0, 1.0),
+) -> Iterator[tuple[int, np.ndarray, Path, np.ndarray]]:
+    """``(subject, volume, folder to write into, volume's affine)`` for every demo subject;
+    the folder is a temporary sibling of ``out_dir`` that replaces it once every subject is
+    written."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.part")
     if tmp.exists():
@@ -455,7 +502,11 @@ def _subjects(
     for subject in range(subjects):
         kind = subject_contrast(contrast, seed, subject)
         volume = pseudo_subject(tissues, seed + subject, voxel_mm, kind)
-        yield subject, posed(volume, subject_orientation(orientation, seed, subject)), tmp
+        volume = posed(volume, subject_orientation(orientation, seed, subject))
+        factor = subject_zoom(zoom, seed, subject)
+        crop_seed = derive_seed(seed, "demo-zoom-window", subject)
+        volume, placed = zoomed(volume, affine, factor, crop_seed)
+        yield subject, volume, tmp, placed
     if out_dir.exists():
         _rmtree(out_dir)
     os.replace(tmp, out_dir)

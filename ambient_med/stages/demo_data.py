@@ -26,6 +26,7 @@ def run(cfg: dict[str, Any], output: Path) -> None:
             acceleration=kspace["acceleration"],
             center_fraction=kspace["center_fraction"],
             orientation=demo["orientation"],
+            zoom=tuple(demo["zoom"]),
         )
         for name, kind in written:
             log.info("wrote %s (%s)", name, kind)
@@ -38,6 +39,7 @@ def run(cfg: dict[str, Any], output: Path) -> None:
         seed=cfg["cohort"]["seed"],
         contrast=demo["contrast"],
         orientation=demo["orientation"],
+        zoom=tuple(demo["zoom"]),
     )
     for name, kind in written:
         log.info("wrote %s (%s)", name, kind)
