@@ -192,7 +192,7 @@ def data_consistent(
     op: MaskedOperator,
     image: torch.Tensor,
     measurements: torch.Tensor,
-    iterations: int = 10,
+    iterations: int = 30,
     damping: float | None = None,
 ) -> torch.Tensor:
     """The image closest to ``image`` that agrees with the measurements.
@@ -204,6 +204,8 @@ def data_consistent(
     (CG-SENSE), which leaves ``image`` untouched where A sees nothing. ``damping`` defaults
     to 1e-2 for SENSE, whose estimated coil maps make the normal equations ill-posed, and
     1e-6 otherwise (a real image under a Fourier mask: the measurements lie in A's range).
+    ``iterations`` bounds CG: 10 left 4-coil SENSE short of convergence (a native model's DC
+    sampler 0.8 dB lower at R = 2 than with 25, where 25, 50 and 100 agree within 0.01 dB).
     """
     residual = measurements - op.A(image)
     if op.orthonormal:

@@ -45,7 +45,12 @@ from ambient_med.io.export import write_derived_series, write_png_grid, write_sl
 from ambient_med.io.kspace import calibrate, fit_kspace, is_raw, read_raw
 from ambient_med.io.store import atomic_path, read_slices
 from ambient_med.physics.acquisition import Acquisition
-from ambient_med.physics.masks import derive_seed, further_kspace_mask, further_pixel_mask
+from ambient_med.physics.masks import (
+    acs_lines,
+    derive_seed,
+    further_kspace_mask,
+    further_pixel_mask,
+)
 from ambient_med.physics.operators import (
     Identity,
     MaskedOperator,
@@ -270,6 +275,8 @@ def diffusion_methods(
 # so that what is scored is the prior's prediction of lines the network does not see.
 HELD_BACK_LEVEL = 0.02
 HELD_BACK_DRAWS = 4
+# Disjoint sets of acquired lines the guard holds back in turn (sampler_trust).
+GUARD_FOLDS = 2
 # Noise level (EDM σ, model intensity scale) of the denoising score: high enough that the
 # answer leans on what the prior knows, low enough that the anatomy still shows through.
 DENOISING_SIGMA = 0.3
@@ -382,29 +389,49 @@ def prior_scores(
     }
 
 
+def guard_folds(line_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``(GUARD_FOLDS, N, W)`` the acquired lines each fold of the guard holds back: every
+    acquired line outside a slice's calibration region goes to one fold, seeded at random,
+    and each fold gets at least one line where the slice has as many to give. A slice with
+    fewer such lines than folds has an empty fold (the guard cannot cross-check it)."""
+    line_mask = line_mask.bool()
+    outer = line_mask & ~acs_lines(line_mask)
+    scores = torch.rand(line_mask.shape, generator=generator).masked_fill(~outer, float("inf"))
+    rank = scores.argsort(dim=-1).argsort(dim=-1)  # 0, 1, ... over each slice's outer lines
+    return torch.stack([outer & (rank % GUARD_FOLDS == k) for k in range(GUARD_FOLDS)])
+
+
 def sampler_trust(
     net, meta: dict[str, Any], rc: dict[str, Any], op: MaskedOperator, y: torch.Tensor, seed: int
 ) -> dict[str, np.ndarray]:
     """Per diffusion sampler, ``(B,)`` how much of its contribution each slice's own data
     support (the ``reconstruct.guard``), validated the way self-supervised MRI methods
-    validate: some acquired lines are held back, every sampler reconstructs from the rest,
-    and its contribution beyond the zero-filled image of the rest is scaled onto the
-    held-back lines (least squares, clipped to [0, 1]): 0 where it predicts them no better
-    than zero-filling, 1 where it predicts them fully."""
+    validate, and cross-checked: the acquired lines outside the calibration region are split
+    into :data:`GUARD_FOLDS` folds (:func:`guard_folds`); for each fold, every sampler
+    reconstructs from the other lines and its contribution beyond the zero-filled image of
+    those is scaled onto the fold's lines (least squares). The trust is the smallest scale
+    over the folds, clipped to [0, 1]: 0 where some fold is predicted no better than by
+    zero-filling, and 0 for a slice with too few such lines to fill every fold — one line
+    that happens to fit says nothing of the many the prior fills in."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "guard"))
-    op_rest = _reduced(op, further_kspace_mask(op.line_mask, generator))
-    y_rest = y * op_rest.observed(y)
-    held = op.observed(y) * (1.0 - op_rest.observed(y))
-    base = op.A(op_rest.A_adjoint(y_rest))
-    target = (y - base) * held
-    images: dict[str, np.ndarray] = {}
-    diffusion_methods(net, meta, rc, op_rest, y_rest, seed, images_out=images)
-    trust = {}
-    for method, image in images.items():
-        added = (op.A(torch.from_numpy(image)) - base) * held
-        fit = (added * target).flatten(1).sum(1) / added.square().flatten(1).sum(1).clamp(min=1e-12)
-        trust[method] = fit.clamp(0.0, 1.0).numpy()
-    return trust
+    folds = guard_folds(op.line_mask, generator)
+    trust: dict[str, torch.Tensor] = {}
+    for held_lines in folds:
+        op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
+        y_rest = y * op_rest.observed(y)
+        held = op.observed(y) * (1.0 - op_rest.observed(y))
+        base = op.A(op_rest.A_adjoint(y_rest))
+        target = (y - base) * held
+        images: dict[str, np.ndarray] = {}
+        diffusion_methods(net, meta, rc, op_rest, y_rest, seed, images_out=images)
+        for method, image in images.items():
+            added = (op.A(torch.from_numpy(image)) - base) * held
+            energy = added.square().flatten(1).sum(1)
+            fit = (added * target).flatten(1).sum(1) / energy.clamp(min=1e-12)
+            # An empty fold (no line held back) supports nothing.
+            fit = fit.where(held_lines.any(dim=-1), torch.zeros_like(fit))
+            trust[method] = torch.minimum(trust.get(method, fit), fit)
+    return {method: fit.clamp(0.0, 1.0).numpy() for method, fit in trust.items()}
 
 
 def shift_verdict(
