@@ -68,8 +68,9 @@ def jobs(
 
 
 def train_one(args: argparse.Namespace) -> None:
-    """One model: train until the wall-clock deadline, an EMA snapshot every few steps."""
-    start(1)
+    """One model: train until the wall-clock deadline, an EMA snapshot every few steps (one
+    torch thread: many of these share the GPU machine's cores; more where one trains alone)."""
+    start(args.threads)
     config = load_config(args.config, args.overlay)
     config["cohorts"]["demo"]["train_mode"] = args.mode
     config["cohorts"]["demo"]["corruption"] = args.setting
@@ -319,6 +320,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     train_p.add_argument("--seed", type=int, required=True)
     train_p.add_argument("--until", type=float, required=True, help="wall-clock end (epoch s)")
     train_p.add_argument("--max-steps", type=int, default=1_000_000)
+    train_p.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
 
 
