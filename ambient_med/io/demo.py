@@ -4,9 +4,10 @@ What it is: subjects synthesised from the tissue probability maps that ship insi
 wheel (the ICBM 2009a nonlinear symmetric T1, grey- and white-matter maps), in the manner of
 SynthSeg (Billot et al., 2023): a strong random affine + elastic deformation, random
 per-tissue intensities (T1w-like by default; T2w- and PD-like available, or a mix), a pose
-that puts axial (default), coronal or sagittal planes on the slice axis, partial-volume
-mixing, a unique set of lesions per subject, a blurred point-spread function, a bias field
-and a Rician noise floor, so that the background is not exactly zero. The undeformed
+that puts axial (default), coronal or sagittal planes on the slice axis, optionally a
+smaller field of view (a crop of part of the brain), partial-volume mixing, a unique set of
+lesions per subject, a blurred point-spread function, a bias field and a Rician noise
+floor, so that the background is not exactly zero. The undeformed
 template is never a subject. What it is not: real scans. It exercises the whole workflow and
 gives the benchmarks distinct subjects with shared anatomy, nothing more.
 
@@ -380,7 +381,7 @@ def subject_zoom(zoom: tuple[float, float], seed: int, subject: int) -> float:
 def zoomed(
     volume: np.ndarray, affine: np.ndarray, factor: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """An in-plane crop of ``volume`` (X, Y, Z) to ``1 / factor`` of its extent, each slice axis
+    """An in-plane crop of ``volume`` (X, Y, Z) to ``1 / factor`` of its extent, the slice axis
     kept whole, and the affine that still places its voxels — the small field of view of a
     protocol (or a cropped export) that shows part of the brain at the same voxel size.
 
