@@ -81,6 +81,14 @@ def holdout_rows(store, per_volume: int) -> np.ndarray:
     return np.concatenate(picked)
 
 
+def scored_slices(store, per_volume: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What every diffusion score of this benchmark is measured on: ``(hold-out rows, their
+    volumes, training-subject rows that choose CS's λ, hold-out reference images)``."""
+    holdout = holdout_rows(store, per_volume)
+    validation = spread_rows(store.index.rows("train"), 6)
+    return holdout, store.index.subject[holdout], validation, store.images[holdout]
+
+
 def curve_rows(records: list[dict], total: int) -> list[dict]:
     """PSNR at R = 4 over training steps per mode and sampler (mean over seeds × volumes, with
     interval), the ambient model's held-back prediction ratio, and the paired ambient − naive
@@ -456,10 +464,7 @@ def main(argv: list[str] | None = None) -> Path:
     slices, sources = training_stores(config, work, args.settings)
     store = read_slices(slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    holdout = holdout_rows(store, args.slices_per_volume)
-    volumes = store.index.subject[holdout]
-    validation = spread_rows(store.index.rows("train"), 6)
-    reference = store.images[holdout]
+    holdout, volumes, validation, reference = scored_slices(store, args.slices_per_volume)
     rc = dict(config["reconstruct"]) | {"samplers": args.samplers, "steps": args.sampling_steps}
     if args.posterior_samples:
         rc["posterior_samples"] = args.posterior_samples

@@ -2,7 +2,7 @@
 
 For models trained elsewhere (``gpu.sh``'s archives, or ``gpu.py train`` on the CPU): each
 ``--model NAME=PATH`` reconstructs the same hold-out slices of a cohort's slice store (8 per
-hold-out volume, as ``reconstruction.py`` picks them) at each R with each sampler, beside
+hold-out volume: ``reconstruction.scored_slices``) at each R with each sampler, beside
 zero-filled and CS; per-volume PSNR. ``--pair A-B`` adds ``A − B`` per volume, both for the
 best sampler of each model (the issue's rule) and sampler by sampler, with a bootstrap
 interval over volumes. Rows: ``{model, R, sampler, psnr, ssim_fg, volumes}`` and
@@ -35,11 +35,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_config, start, write_results  # noqa: E402
-from reconstruction import holdout_rows, score_records  # noqa: E402
+from reconstruction import score_records, scored_slices  # noqa: E402
 
 from ambient_med.evaluation.metrics import bootstrap_ci  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
+from ambient_med.stages.common import example_keys, load_model  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
 
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
     seed = config["cohorts"]["demo"]["seed"]
     store = read_slices(args.slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
-    holdout = holdout_rows(store, args.slices_per_volume)
-    volumes = store.index.subject[holdout]
-    validation = spread_rows(store.index.rows("train"), 6)
-    reference = store.images[holdout]
+    holdout, volumes, validation, reference = scored_slices(store, args.slices_per_volume)
     rc = dict(config["reconstruct"]) | {
         "steps": args.sampling_steps,
         "posterior_samples": args.posterior_samples,
