@@ -14,6 +14,7 @@ from ambient_med.physics.operators import (
     data_consistent,
     fft2c,
     ifft2c,
+    mirror_rows,
 )
 
 torch.manual_seed(0)
@@ -161,3 +162,32 @@ def test_measurement_noise_has_the_configured_level():
     complex_std = noisy.square().sum(1)[measured[:, 0]].mean().sqrt()
     assert float(complex_std) == pytest.approx(0.1, rel=0.05)
     assert not noisy[~measured].any()
+
+
+@pytest.mark.parametrize("height", [24, 23])
+def test_mirrored_rows_are_measured_through_the_same_line_mask(height):
+    """Mirroring an image's rows mirrors its centred k-space by the same index map, so a line
+    mask over columns measures the mirrored image as the mirrored measurements; a 2-D mask
+    and coil maps must be mirrored with it."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, height, 20, generator=generator)
+    lines = torch.from_numpy(np.stack([LineMaskFunc([0.1], [4])(20, seed=s) for s in range(3)]))
+    fourier = SingleCoilFourier(lines, height)
+    torch.testing.assert_close(fourier.A(mirror_rows(x)), mirror_rows(fourier.A(x)))
+    # The centre row N // 2 stays where it is: for an even N that is not a plain flip.
+    torch.testing.assert_close(mirror_rows(x)[..., height // 2, :], x[..., height // 2, :])
+    plain = torch.allclose(fourier.A(torch.flip(x, (-2,))), mirror_rows(fourier.A(x)))
+    assert plain == (height % 2 == 1)
+    grid = torch.from_numpy(
+        np.stack([poisson_mask((height, 20), 3.0, 4, seed=s) for s in range(3)])
+    )
+    two_d = SingleCoilFourier(grid, height)
+    flipped_grid = SingleCoilFourier(mirror_rows(grid), height)
+    torch.testing.assert_close(flipped_grid.A(mirror_rows(x)), mirror_rows(two_d.A(x)))
+    maps = torch.from_numpy(birdcage(4, height, 20)).expand(3, -1, -1, -1)
+    sense = MultiCoilSense(lines, maps)
+    mirrored_sense = MultiCoilSense(lines, mirror_rows(maps))
+    # Measurements (B, coils, H, W, 2): rows are axis -3.
+    torch.testing.assert_close(
+        mirrored_sense.A(mirror_rows(x)), mirror_rows(sense.A(x), -3), atol=1e-5, rtol=1e-5
+    )

@@ -203,3 +203,49 @@ def test_unmeasured_scale_auto_is_the_rms_of_the_entries_b_may_hide():
     # Naive and clean models hide nothing: σ_d.
     naive = TrainingSet(targets=image, kind="pixel", mode="naive")
     assert unmeasured_scale(naive, 0.5) == 0.5
+
+
+@pytest.mark.parametrize("case", ["kspace", "native", "pixel", "kspace_naive"])
+def test_mirrored_examples_are_measurements_of_mirrored_images(case):
+    """train.mirror_rows: a mirrored example's targets are exactly what its (mirrored)
+    operator measures of the mirrored clean image — for line masks, coil maps and pixel masks
+    — and B still hides only acquired entries."""
+    from ambient_med.diffusion.training import TrainingSet, mirrored_where
+    from ambient_med.physics.coils import birdcage
+    from ambient_med.physics.masks import LineMaskFunc
+    from ambient_med.physics.operators import MultiCoilSense, PixelMask, SingleCoilFourier
+
+    n, height, width = 6, 16, 12
+    generator = torch.Generator().manual_seed(0)
+    kind = case.removesuffix("_naive")
+    x = torch.randn(n, 1 if kind == "pixel" else 2, height, width, generator=generator)
+    maps = None
+    if kind == "pixel":
+        masks = torch.rand(n, height, width, generator=generator) > 0.3
+        op = PixelMask(masks[:, None])
+    else:
+        lines = np.stack([LineMaskFunc([0.1], [3])(width, seed=s) for s in range(n)])
+        masks = torch.from_numpy(lines)
+        if kind == "native":
+            maps = torch.from_numpy(birdcage(3, height, width)).expand(n, -1, -1, -1)
+            op = MultiCoilSense(masks, maps)
+        else:
+            op = SingleCoilFourier(masks, height)
+    if case.endswith("naive"):
+        data = TrainingSet(op.A_adjoint(op.A(x)), kind, "naive")
+    else:
+        data = TrainingSet(op.A(x), kind, "ambient", masks=masks, maps=maps, delta=0.3)
+    idx = torch.tensor([0, 3, 5, 1])
+    mirrored = torch.tensor([True, False, True, True])
+    targets, a, a_tilde = data.batch(
+        idx, torch.Generator().manual_seed(1), "cpu", mirrored=mirrored
+    )
+    image = mirrored_where(x[idx], mirrored, -2)
+    if case.endswith("naive"):
+        sub = SingleCoilFourier(masks[idx], height)
+        torch.testing.assert_close(targets, sub.A_adjoint(sub.A(image)), atol=1e-5, rtol=1e-5)
+        return
+    torch.testing.assert_close(targets, a.A(image), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(targets, data.targets[idx])  # something was mirrored
+    seen = a_tilde.measurement_mask.expand_as(targets) > 0
+    assert (a.measurement_mask.expand_as(targets)[seen] > 0).all()

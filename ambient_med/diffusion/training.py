@@ -29,6 +29,7 @@ from ambient_med.physics.operators import (
     MultiCoilSense,
     PixelMask,
     SingleCoilFourier,
+    mirror_rows,
 )
 
 MODES = ("ambient", "naive", "clean")
@@ -91,6 +92,11 @@ class TrainingSet:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
+    @property
+    def row_dim(self) -> int:
+        """The targets' axis of image rows H (the readout direction of k-space kinds)."""
+        return -3 if self.kind == "native" and self.mode == "ambient" else -2
+
     def subset(self, idx: torch.Tensor | np.ndarray) -> TrainingSet:
         """The examples ``idx`` (targets, masks and maps alike)."""
 
@@ -111,11 +117,15 @@ class TrainingSet:
         generator: torch.Generator,
         device: torch.device | str,
         shard: slice = slice(None),
+        mirrored: torch.Tensor | None = None,
     ) -> tuple[MaskedOperator, MaskedOperator]:
         """(A, Ã) for the examples ``idx[shard]``; B is redrawn from ``generator`` unless fixed.
 
         B is drawn for every example of ``idx`` before ``shard`` is taken, so that every
         data-parallel rank consumes the generator exactly as a single process would.
+        ``mirrored`` ``(len(idx),)`` bool: examples whose rows are mirrored
+        (:func:`~ambient_med.physics.operators.mirror_rows`); their 2-D masks and coil maps
+        are mirrored with them (line masks over columns need nothing).
         """
         b, (h, w) = len(range(len(idx))[shard]), self.image_shape
         if self.mode != "ambient":
@@ -123,14 +133,37 @@ class TrainingSet:
             return identity, identity
         assert self.masks is not None
         mask = self.masks[idx]
-        if self.further_masks is not None:
-            tilde = self.further_masks[idx]
+        fixed = self.further_masks[idx] if self.further_masks is not None else None
+        if mirrored is not None and mask.ndim == 3:
+            mask = mirrored_where(mask, mirrored, -2)
+            fixed = None if fixed is None else mirrored_where(fixed, mirrored, -2)
+        if fixed is not None:
+            tilde = fixed
         else:
             tilde = _draw_further(self.kind, mask, self.delta, generator, self.further_acceleration)
-        maps = self.maps[idx[shard]].to(device) if self.maps is not None else None
+        maps = self.maps[idx[shard]] if self.maps is not None else None
+        if maps is not None and mirrored is not None:
+            maps = mirrored_where(maps, mirrored[shard], -2)
+        maps = maps.to(device) if maps is not None else None
         mask, tilde = mask[shard].to(device), tilde[shard].to(device)
         op = measurement_operator(self.kind, mask, h, maps)
         return op, measurement_operator(self.kind, tilde, h, maps)
+
+    def batch(
+        self,
+        idx: torch.Tensor,
+        generator: torch.Generator,
+        device: torch.device | str,
+        shard: slice = slice(None),
+        mirrored: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MaskedOperator, MaskedOperator]:
+        """(targets, A, Ã) of the examples ``idx[shard]`` (:meth:`operators`), those flagged
+        in ``mirrored`` mirrored along their rows together with their operators."""
+        op, op_tilde = self.operators(idx, generator, device, shard, mirrored)
+        targets = self.targets[idx[shard]]
+        if mirrored is not None:
+            targets = mirrored_where(targets, mirrored[shard], self.row_dim)
+        return targets.to(device), op, op_tilde
 
 
 def unmeasured_scale(data: TrainingSet, fallback: float) -> float:
@@ -188,6 +221,13 @@ def concatenate(parts: list[TrainingSet], names: list[str]) -> TrainingSet:
         further_masks=join("further_masks"),
         maps=join("maps"),
     )
+
+
+def mirrored_where(data: torch.Tensor, mirrored: torch.Tensor, dim: int) -> torch.Tensor:
+    """``data`` ``(N, ...)`` with the examples flagged in ``mirrored`` ``(N,)`` mirrored along
+    ``dim`` (:func:`~ambient_med.physics.operators.mirror_rows`), the others as they are."""
+    flags = mirrored.to(data.device).view(-1, *([1] * (data.ndim - 1)))
+    return torch.where(flags, mirror_rows(data, dim), data)
 
 
 def _draw_further(
@@ -271,6 +311,9 @@ class Trainer:
     gradient DDP averages is then the single-process gradient of the same global batch (the
     loss is a mean over examples), so a run depends on the seed and not on how many processes
     share it, up to floating-point summation order.
+
+    ``mirror``: each example is mirrored along its rows with probability 1/2
+    (``train.mirror_rows``).
     """
 
     def __init__(
@@ -285,6 +328,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        mirror: bool = False,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by {world_size} ranks")
@@ -306,6 +350,7 @@ class Trainer:
             self.module, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
         )
         self.generator = torch.Generator().manual_seed(seed)
+        self.mirror = mirror
         self.step = 0
 
     def _autocast(self):
@@ -319,8 +364,12 @@ class Trainer:
         local = self.batch_size // self.world_size
         shard = slice(self.rank * local, (self.rank + 1) * local)
         idx = torch.randint(len(self.data), (self.batch_size,), generator=self.generator)
-        op, op_tilde = self.data.operators(idx, self.generator, self.device, shard)
-        y = self.data.targets[idx[shard]].to(self.device)
+        mirrored = None
+        if self.mirror:
+            # Augmentation: half the examples mirrored along the rows (the readout axis),
+            # measurements and operator alike, so each stays a measurement of an image.
+            mirrored = torch.rand(self.batch_size, generator=self.generator) < 0.5
+        y, op, op_tilde = self.data.batch(idx, self.generator, self.device, shard, mirrored)
         t = self.objective.sample_timesteps(self.batch_size, self.generator)[shard]
         shape = (self.batch_size, self.data.image_channels, *self.data.image_shape)
         noise = torch.randn(shape, generator=self.generator)[shard].to(self.device)

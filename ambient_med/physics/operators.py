@@ -25,6 +25,18 @@ def ifft2c(kspace: torch.Tensor) -> torch.Tensor:
     return ifftn_centered_t(kspace.permute(0, 2, 3, 1), spatial_dims=2).permute(0, 3, 1, 2)
 
 
+def mirror_rows(data: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Mirrors ``data`` about the centre index ``N // 2`` of axis ``dim`` (length N):
+    ``out[n] = data[(2 (N // 2) - n) mod N]``, the centre of the centred FFT layout.
+
+    The same index map mirrors an image and its centred k-space: if ``x'(r) = x(-r)`` then
+    ``F x'(k) = F x(-k)``. A line mask over columns is unchanged by mirroring the rows, so
+    mirrored measurements are measurements of the mirrored image under the same mask.
+    """
+    length = data.shape[dim]
+    return torch.roll(torch.flip(data, (dim,)), 2 * (length // 2) - length + 1, dim)
+
+
 class MaskedOperator:
     """A = M T with T a linear map (identity, Fourier, SENSE) and M a 0/1 mask on its output.
 

@@ -161,6 +161,7 @@ def build_trainer(
         device=device,
         rank=group.rank,
         world_size=group.world_size,
+        mirror=train["mirror_rows"],
     )
 
 
