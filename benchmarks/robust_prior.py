@@ -18,6 +18,12 @@ coil-combined image, on the model's intensity scale).
     python benchmarks/robust_prior.py            # CPU: a few minutes per model
     python benchmarks/robust_prior.py --short    # seconds: the test suite's version
 
+The same scans through a model trained elsewhere — e.g. the workflow's default demo model
+(``snakemake --cores 2 train``), the one a user gets — instead of the three:
+
+    python benchmarks/robust_prior.py --model results/demo/train/model.pt \
+        --model-slices results/demo/ingest/slices.h5 --name robust_prior_default
+
 Resumable: models are trained (and resumed) under ``--workdir``.
 """
 
@@ -46,6 +52,7 @@ from ambient_med.io.demo import (  # noqa: E402
     write_fastmri,
 )
 from ambient_med.io.kspace import fit_kspace  # noqa: E402
+from ambient_med.io.store import load_torch  # noqa: E402
 from ambient_med.physics.masks import LineMaskFunc  # noqa: E402
 from ambient_med.stages import corrupt, reconstruct, train  # noqa: E402
 
@@ -171,7 +178,16 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--subjects", type=int, default=12)
     parser.add_argument("--short", action="store_true", help="tiny config, seconds")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="score this model file instead of training three"
+    )
+    parser.add_argument("--model-slices", type=Path, default=None, help="its cohort's slice store")
+    parser.add_argument("--name", default="robust_prior", help="results file NAME.json")
     args = parser.parse_args(argv)
+    if args.model and not args.model_slices:
+        parser.error("--model needs --model-slices (the hold-out the domain-shift score uses)")
+    if args.model:  # the demo heads are drawn on the given model's grid
+        args.image_size = int(load_torch(args.model, what="model")["image_size"])
     started = start(args.threads)
     config = load_config(args.config, Path("config/tiny.yaml") if args.short else None)
     config["ingest"]["image_size"] = args.image_size
@@ -183,7 +199,6 @@ def main(argv: list[str] | None = None) -> Path:
     work.mkdir(parents=True, exist_ok=True)
 
     scans = work / "new_scans"
-    truths: dict[str, np.ndarray] = {}
     heads = {name: demo_head(c, p, args.image_size) for name, (c, p) in NEW_HEADS.items()}
     real = real_slices()
     new = {**real, **heads, **field_of_view_controls(real["t1_anatomical"])}
@@ -192,12 +207,15 @@ def main(argv: list[str] | None = None) -> Path:
         stale.unlink()
     # reconstruct.input reads files in name order and names them new000, new001, ...
     names = sorted(new)
+    full = {}
     for number, name in enumerate(names):
-        full = write_scan(scans, f"{number:02d}_{name}", new[name], seed=10 + number)
-        truths[name] = reference_magnitudes(full, args.image_size)
+        full[name] = write_scan(scans, f"{number:02d}_{name}", new[name], seed=10 + number)
 
-    rows = []
-    for model, demo in MODELS.items():
+    # (name, model file, its cohort's slice store, where its outputs go)
+    models = []
+    if args.model:  # a model trained elsewhere, e.g. the workflow's default demo model
+        models.append(("given", args.model, args.model_slices, work / "given"))
+    for model, demo in MODELS.items() if not args.model else ():
         config["demo"] |= demo
         folder = work / model
         folder.mkdir(exist_ok=True)
@@ -207,11 +225,16 @@ def main(argv: list[str] | None = None) -> Path:
             corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
         cfg = stage_config(config, "demo", "train")
         train.run(cfg, measurements, folder / "model.pt", folder / "loss.csv", folder / "ck")
+        models.append((model, folder / "model.pt", slices, folder))
+
+    rows = []
+    for model, model_path, slices, folder in models:
+        size = int(load_torch(model_path, what="model")["image_size"])
         rc_cfg = stage_config(config, "demo", "reconstruct")
         rc_cfg["reconstruct"]["input"] = str(scans)
         files = folder / "files"
         metrics_path = folder / "metrics.json"
-        reconstruct.run(rc_cfg, folder / "model.pt", slices, files, metrics_path)
+        reconstruct.run(rc_cfg, model_path, slices, files, metrics_path)
         reports = {r["scan"]: r for r in json.loads(metrics_path.read_text())["new_scans"]}
         for number, name in enumerate(names):
             scan = f"new{number:03d}"
@@ -219,21 +242,23 @@ def main(argv: list[str] | None = None) -> Path:
                 m: np.moveaxis(nib.load(files / f"{scan}_{m}.nii.gz").get_fdata(), -1, 0)
                 for m in METHODS
             }
+            truth = reference_magnitudes(full[name], size)
             report = reports[scan]
             rows.append(
                 {
                     "model": model,
+                    "image_size": size,
                     "scan": name,
                     "slices": report["slices"],
                     "psnr": {
-                        m: round(psnr_on_model_scale(truths[name], images["zero_filled"], im), 3)
+                        m: round(psnr_on_model_scale(truth, images["zero_filled"], im), 3)
                         for m, im in images.items()
                     },
                     **{key: report.get(key) for key in REPORTED},
                 }
             )
             logging.info("%s", rows[-1])
-    path = write_results("robust_prior", started, rows, args.results or RESULTS)
+    path = write_results(args.name, started, rows, args.results or RESULTS)
     print(f"wrote {path}")
     return path
 
