@@ -20,7 +20,9 @@ applied), except ``--sampling-steps`` and ``--posterior-samples``.
         --pair further_1_5-naive --pair further_1_1-naive --pair further_1_5-further_1_1
 
 (``gpu.py train`` needs ``kspace.h5`` beside ``slices.h5`` in its workdir: ``gpu.sh``'s
-stores.) Scores land in ``--workdir``/scores.jsonl as they come; a rerun skips what is there.
+stores.) ``--training-subjects N`` scores N of the training subjects instead, alike: the gap
+to the hold-out is what the models learned of their own subjects rather than of anatomy.
+Scores land in ``--workdir``/scores.jsonl as they come; a rerun skips what is there.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from reconstruction import score_records, scored_slices  # noqa: E402
 
 from ambient_med.evaluation.metrics import bootstrap_ci  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model  # noqa: E402
+from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
 
@@ -94,6 +96,16 @@ def summary(records: list[dict], pairs: list[str]) -> list[dict]:
     return rows
 
 
+def training_rows(store, subjects: int, per_volume: int) -> np.ndarray:
+    """``per_volume`` evenly spaced slices of ``subjects`` evenly spaced training subjects."""
+    rows = store.index.rows("train")
+    volumes = np.unique(store.index.subject[rows])
+    picked = volumes[np.unique(np.linspace(0, len(volumes) - 1, subjects).round().astype(int))]
+    return np.concatenate(
+        [spread_rows(rows[store.index.subject[rows] == v], per_volume) for v in picked]
+    )
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("config/config.yaml"))
@@ -110,6 +122,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--name", default="rescore", help="results file NAME.json")
     parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--training-subjects",
+        type=int,
+        default=0,
+        help="score this many training subjects (evenly spaced) instead of the hold-out",
+    )
     args = parser.parse_args(argv)
     started = start(args.threads)
     config = load_config(args.config, args.overlay)
@@ -117,6 +135,10 @@ def main(argv: list[str] | None = None) -> Path:
     store = read_slices(args.slices)
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
     holdout, volumes, validation, reference = scored_slices(store, args.slices_per_volume)
+    if args.training_subjects:
+        # The generalisation gap: the same scoring on subjects the models trained on.
+        holdout = training_rows(store, args.training_subjects, args.slices_per_volume)
+        volumes, reference = store.index.subject[holdout], store.images[holdout]
     rc = dict(config["reconstruct"]) | {
         "steps": args.sampling_steps,
         "posterior_samples": args.posterior_samples,

@@ -177,6 +177,7 @@ def test_gpu_benchmark_trains_models_side_by_side_and_scores_their_snapshots(tmp
     import torch
 
     from ambient_med.diffusion.model import build_denoiser
+    from ambient_med.io.store import read_slices
 
     monkeypatch.chdir(REPO)
     gpu = _benchmark("gpu")
@@ -234,3 +235,9 @@ def test_gpu_benchmark_trains_models_side_by_side_and_scores_their_snapshots(tmp
     scores = (tmp_path / "rescore" / "scores.jsonl").read_text()
     assert json.loads(rescore.main(argv).read_text())["rows"] == rows
     assert (tmp_path / "rescore" / "scores.jsonl").read_text() == scores
+    # --training-subjects: evenly spaced slices of training subjects, never a hold-out one.
+    store = read_slices(tmp_path / "work" / "slices.h5")
+    picked = rescore.training_rows(store, 2, 3)
+    subjects = store.index.subject[picked]
+    assert set(picked) <= set(store.index.rows("train")) and len(np.unique(subjects)) == 2
+    assert all((subjects == s).sum() == 3 for s in np.unique(subjects))

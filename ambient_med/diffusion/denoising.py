@@ -83,8 +83,7 @@ def heldout_observed_error(
         total = 0.0
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size))
-            op, op_tilde = data.operators(idx, generator, "cpu")
-            y = data.targets[idx]
+            y, op, op_tilde = data.batch(idx, generator, "cpu")
             noise = torch.randn(
                 (len(idx), data.image_channels, *data.image_shape), generator=generator
             )

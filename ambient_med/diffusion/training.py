@@ -111,26 +111,31 @@ class TrainingSet:
             maps=pick(self.maps),
         )
 
-    def operators(
+    def batch(
         self,
         idx: torch.Tensor,
         generator: torch.Generator,
         device: torch.device | str,
         shard: slice = slice(None),
         mirrored: torch.Tensor | None = None,
-    ) -> tuple[MaskedOperator, MaskedOperator]:
-        """(A, Ã) for the examples ``idx[shard]``; B is redrawn from ``generator`` unless fixed.
+    ) -> tuple[torch.Tensor, MaskedOperator, MaskedOperator]:
+        """(targets, A, Ã) of the examples ``idx[shard]``; B is redrawn from ``generator``
+        unless fixed.
 
         B is drawn for every example of ``idx`` before ``shard`` is taken, so that every
         data-parallel rank consumes the generator exactly as a single process would.
-        ``mirrored`` ``(len(idx),)`` bool: examples whose rows are mirrored
-        (:func:`~ambient_med.physics.operators.mirror_rows`); their 2-D masks and coil maps
-        are mirrored with them (line masks over columns need nothing).
+        ``mirrored`` ``(len(idx),)`` bool: examples mirrored along their rows
+        (:func:`~ambient_med.physics.operators.mirror_rows`), targets, 2-D masks and coil
+        maps together (line masks over columns need nothing).
         """
+        targets = self.targets[idx[shard]]
+        if mirrored is not None:
+            targets = mirrored_where(targets, mirrored[shard], self.row_dim)
+        targets = targets.to(device)
         b, (h, w) = len(range(len(idx))[shard]), self.image_shape
         if self.mode != "ambient":
             identity = Identity(b, h, w, device)
-            return identity, identity
+            return targets, identity, identity
         assert self.masks is not None
         mask = self.masks[idx]
         fixed = self.further_masks[idx] if self.further_masks is not None else None
@@ -147,23 +152,7 @@ class TrainingSet:
         maps = maps.to(device) if maps is not None else None
         mask, tilde = mask[shard].to(device), tilde[shard].to(device)
         op = measurement_operator(self.kind, mask, h, maps)
-        return op, measurement_operator(self.kind, tilde, h, maps)
-
-    def batch(
-        self,
-        idx: torch.Tensor,
-        generator: torch.Generator,
-        device: torch.device | str,
-        shard: slice = slice(None),
-        mirrored: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, MaskedOperator, MaskedOperator]:
-        """(targets, A, Ã) of the examples ``idx[shard]`` (:meth:`operators`), those flagged
-        in ``mirrored`` mirrored along their rows together with their operators."""
-        op, op_tilde = self.operators(idx, generator, device, shard, mirrored)
-        targets = self.targets[idx[shard]]
-        if mirrored is not None:
-            targets = mirrored_where(targets, mirrored[shard], self.row_dim)
-        return targets.to(device), op, op_tilde
+        return targets, op, measurement_operator(self.kind, tilde, h, maps)
 
 
 def unmeasured_scale(data: TrainingSet, fallback: float) -> float:
