@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument("--model-slices", type=Path, default=None, help="its cohort's slice store")
     parser.add_argument("--name", default="robust_prior", help="results file NAME.json")
+    parser.add_argument("--scans", nargs="+", default=None, help="only these scans (default: all)")
     args = parser.parse_args(argv)
     if args.model and not args.model_slices:
         parser.error("--model needs --model-slices (the hold-out the domain-shift score uses)")
@@ -206,9 +207,15 @@ def main(argv: list[str] | None = None) -> Path:
     for stale in scans.glob("*.h5"):  # an earlier run's scan list may have been another
         stale.unlink()
     # reconstruct.input reads files in name order and names them new000, new001, ...
-    names = sorted(new)
+    # Each scan keeps its number (and so its seed: phase, coils, mask) when --scans picks some.
+    numbers = {name: number for number, name in enumerate(sorted(new))}
+    unknown = set(args.scans or ()) - set(numbers)
+    if unknown:
+        parser.error(f"--scans: no scan named {', '.join(sorted(unknown))}")
+    names = sorted(args.scans or numbers, key=numbers.get)
     full = {}
-    for number, name in enumerate(names):
+    for name in names:
+        number = numbers[name]
         full[name] = write_scan(scans, f"{number:02d}_{name}", new[name], seed=10 + number)
 
     # (name, model file, its cohort's slice store, where its outputs go)
