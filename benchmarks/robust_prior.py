@@ -22,7 +22,10 @@ The same scans through a model trained elsewhere — e.g. the workflow's default
 (``snakemake --cores 2 train``), the one a user gets — instead of the three:
 
     python benchmarks/robust_prior.py --model results/demo/train/model.pt \
-        --model-slices results/demo/ingest/slices.h5 --name robust_prior_default
+        --model-slices results/demo/ingest/slices.h5 --name robust_prior_default \
+        --scans t1_anatomical t1_anatomical_padded epi_b0 t2_spin_echo demo_t1w_crop
+
+(``--scans``: a subset of the scans, each with the seed it has in the full run.)
 
 Resumable: models are trained (and resumed) under ``--workdir``.
 """
