@@ -15,10 +15,21 @@ from torch import nn
 
 from ambient_med.config import stage_config
 from ambient_med.diffusion.model import build_ddim
-from ambient_med.diffusion.samplers import one_step_reconstruction, posterior_sample
+from ambient_med.diffusion.samplers import (
+    end_on_data,
+    one_step_reconstruction,
+    posterior_sample,
+)
 from ambient_med.evaluation.metrics import nrmse, psnr, slice_metrics, ssim
+from ambient_med.physics.coils import birdcage
 from ambient_med.physics.masks import LineMaskFunc
-from ambient_med.physics.operators import Identity, SingleCoilFourier, fft2c
+from ambient_med.physics.operators import (
+    Identity,
+    MultiCoilSense,
+    SingleCoilFourier,
+    data_consistent,
+    fft2c,
+)
 from ambient_med.physics.recon import choose_lambda, l1_wavelet
 from ambient_med.stages import corrupt, ingest, reconstruct, train
 
@@ -199,3 +210,25 @@ def test_reconstruct_stage_writes_nifti_dicom_png_and_metrics(demo_dir, tmp_path
     )
     with Image.open(files / "panel_R4.png") as panel:
         assert panel.format == "PNG" and panel.size[0] > panel.size[1]
+
+
+def test_the_last_projection_fits_sense_measurements_tighter_than_a_step_does():
+    """end_on_data: exactly data_consistent for orthonormal operators; for SENSE a fit of the
+    measurements several times tighter than the per-step projection's (which left DPS 3.1 dB
+    below DC on a native 4-coil model at R = 2)."""
+    generator = torch.Generator().manual_seed(0)
+    lines = torch.from_numpy(np.stack([LineMaskFunc([0.08], [2])(32, seed=s) for s in range(2)]))
+    sense = MultiCoilSense(lines, torch.from_numpy(birdcage(4, 32, 32)).expand(2, -1, -1, -1))
+    truth, start = torch.randn(2, 2, 2, 32, 32, generator=generator)
+    y = sense.A(truth)
+
+    def residual(image: torch.Tensor) -> float:
+        return float((sense.A(image) - y).norm() / y.norm())
+
+    step, last = residual(data_consistent(sense, start, y)), residual(end_on_data(sense, start, y))
+    assert last < step / 3, (step, last)
+    fourier = SingleCoilFourier(lines, 32)
+    torch.testing.assert_close(
+        end_on_data(fourier, start, fourier.A(truth)),
+        data_consistent(fourier, start, fourier.A(truth)),
+    )

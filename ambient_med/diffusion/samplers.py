@@ -8,10 +8,25 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from ambient_med.physics.operators import MaskedOperator, data_consistent
+from ambient_med.physics.operators import MaskedOperator, MultiCoilSense, data_consistent
 
 # Builds the inference operator Ã_inf for a batch: (batch size, step index) -> operator.
 OperatorFactory = Callable[[int, int], MaskedOperator]
+
+# CG-SENSE damping of the projection that ends every reconstruction. The per-step projections
+# keep data_consistent's 1e-2; one final projection at 1e-2 leaves the weakly determined part of
+# the measurements unfitted, which the DC sampler's thirty projections do not: a native 4-coil
+# model's DPS scored 3.1 dB below DC at R = 2 (33.88 vs 37.00) with it, 4.8 dB above with 1e-4
+# (41.76), and 0.5 dB above at R = 4 (26.67 vs 26.21; 12 training-subject slices).
+FINAL_SENSE_DAMPING = 1e-4
+
+
+def end_on_data(
+    op: MaskedOperator, image: torch.Tensor, measurements: torch.Tensor
+) -> torch.Tensor:
+    """The last projection of a reconstruction onto its measurements (tighter for SENSE)."""
+    damping = FINAL_SENSE_DAMPING if isinstance(op, MultiCoilSense) else None
+    return data_consistent(op, image, measurements, damping=damping)
 
 
 @torch.no_grad()
@@ -122,7 +137,7 @@ def posterior_sample(
     # Every reconstruction ends on the data (a projection; CG for SENSE): without it DPS
     # scored below zero-filled.
     with torch.no_grad():
-        return data_consistent(op, last, measurements)
+        return end_on_data(op, last, measurements)
 
 
 @torch.no_grad()
@@ -142,4 +157,4 @@ def one_step_reconstruction(
     z = op.A_adjoint(measurements)
     mask_image = (mask_op or op).mask_image()
     t = torch.full((z.shape[0],), int(t_min), dtype=torch.long, device=z.device)
-    return data_consistent(op, net(z, mask_image, t).float(), measurements)
+    return end_on_data(op, net(z, mask_image, t).float(), measurements)
