@@ -71,14 +71,18 @@ SETTINGS = ("kspace", "pixel", "native")
 NATIVE_COILS = 4
 
 
-def holdout_rows(store, per_volume: int) -> np.ndarray:
-    """``per_volume`` evenly spaced slices of every hold-out volume."""
-    rows = store.index.rows("holdout")
+def per_volume_rows(store, rows: np.ndarray, per_volume: int) -> np.ndarray:
+    """``per_volume`` evenly spaced slices of every volume among ``rows``."""
     picked = [
         spread_rows(rows[store.index.subject[rows] == v], per_volume)
         for v in np.unique(store.index.subject[rows])
     ]
     return np.concatenate(picked)
+
+
+def holdout_rows(store, per_volume: int) -> np.ndarray:
+    """``per_volume`` evenly spaced slices of every hold-out volume."""
+    return per_volume_rows(store, store.index.rows("holdout"), per_volume)
 
 
 def scored_slices(store, per_volume: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -37,11 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_config, start, write_results  # noqa: E402
-from reconstruction import score_records, scored_slices  # noqa: E402
+from reconstruction import per_volume_rows, score_records, scored_slices  # noqa: E402
 
 from ambient_med.evaluation.metrics import bootstrap_ci  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
+from ambient_med.stages.common import example_keys, load_model  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
 
@@ -101,9 +101,7 @@ def training_rows(store, subjects: int, per_volume: int) -> np.ndarray:
     rows = store.index.rows("train")
     volumes = np.unique(store.index.subject[rows])
     picked = volumes[np.unique(np.linspace(0, len(volumes) - 1, subjects).round().astype(int))]
-    return np.concatenate(
-        [spread_rows(rows[store.index.subject[rows] == v], per_volume) for v in picked]
-    )
+    return per_volume_rows(store, rows[np.isin(store.index.subject[rows], picked)], per_volume)
 
 
 def main(argv: list[str] | None = None) -> Path:

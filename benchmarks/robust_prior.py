@@ -239,7 +239,6 @@ def main(argv: list[str] | None = None) -> Path:
 
     rows = []
     for model, model_path, slices, folder in models:
-        size = int(load_torch(model_path, what="model")["image_size"])
         rc_cfg = stage_config(config, "demo", "reconstruct")
         rc_cfg["reconstruct"]["input"] = str(scans)
         files = folder / "files"
@@ -252,12 +251,12 @@ def main(argv: list[str] | None = None) -> Path:
                 m: np.moveaxis(nib.load(files / f"{scan}_{m}.nii.gz").get_fdata(), -1, 0)
                 for m in METHODS
             }
-            truth = reference_magnitudes(full[name], size)
+            truth = reference_magnitudes(full[name], args.image_size)
             report = reports[scan]
             rows.append(
                 {
                     "model": model,
-                    "image_size": size,
+                    "image_size": args.image_size,
                     "scan": name,
                     "slices": report["slices"],
                     "psnr": {
