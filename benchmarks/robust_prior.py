@@ -25,7 +25,11 @@ The same scans through a model trained elsewhere — e.g. the workflow's default
         --model-slices results/demo/ingest/slices.h5 --name robust_prior_default \
         --scans t1_anatomical t1_anatomical_padded epi_b0 t2_spin_echo demo_t1w_crop
 
-(``--scans``: a subset of the scans, each with the seed it has in the full run.)
+(``--scans``: a subset of the scans, each with the seed it has in the full run.) The scans
+are acquired with 4 coils, equispaced, a 20 % centre (ESPIRiT's 6 calibration lines on the
+T1's 41 columns; it leaves the T1 two lines outside the centre); ``--coils 1
+--center-fraction 0.08 --mask-type random`` acquires them as the workflow's
+``reconstruct`` does by default (no coil maps to estimate).
 
 Resumable: models are trained (and resumed) under ``--workdir``.
 """
@@ -140,11 +144,21 @@ def field_of_view_controls(real_t1: np.ndarray, voxel_mm: float = 2.0) -> dict[s
     return {"demo_t1w_crop": crop, "t1_anatomical_padded": padded}
 
 
-def write_scan(folder: Path, name: str, slices: np.ndarray, seed: int) -> np.ndarray:
-    """Magnitude slices → 4-coil k-space with a smooth phase, R = 4 (equispaced, 20 % centre),
+def write_scan(
+    folder: Path,
+    name: str,
+    slices: np.ndarray,
+    seed: int,
+    coils: int = 4,
+    center_fraction: float = 0.2,
+    mask_type: str = "equispaced",
+) -> np.ndarray:
+    """Magnitude slices → ``coils``-coil k-space with a smooth phase, R = 4 (by default
+    equispaced with a 20 % centre: ESPIRiT needs 6 calibration lines
+    of the T1's 41 phase-encode columns),
     written as a fastMRI file; returns the fully sampled k-space (which the file never holds)."""
-    kspace = simulate_multicoil_kspace(slices.astype(np.float32), coils=4, seed=seed)
-    line_mask = LineMaskFunc([0.2], [4], "equispaced")(kspace.shape[-1], seed)
+    kspace = simulate_multicoil_kspace(slices.astype(np.float32), coils=coils, seed=seed)
+    line_mask = LineMaskFunc([center_fraction], [4], mask_type)(kspace.shape[-1], seed)
     write_fastmri(folder / f"{name}.h5", kspace, line_mask)
     return kspace
 
@@ -187,6 +201,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model-slices", type=Path, default=None, help="its cohort's slice store")
     parser.add_argument("--name", default="robust_prior", help="results file NAME.json")
     parser.add_argument("--scans", nargs="+", default=None, help="only these scans (default: all)")
+    acquired = parser.add_argument_group("how the new scans are acquired (R = 4)")
+    acquired.add_argument("--coils", type=int, default=4)
+    acquired.add_argument("--center-fraction", type=float, default=0.2)
+    acquired.add_argument("--mask-type", choices=("equispaced", "random"), default="equispaced")
     args = parser.parse_args(argv)
     if args.model and not args.model_slices:
         parser.error("--model needs --model-slices (the hold-out the domain-shift score uses)")
@@ -219,7 +237,15 @@ def main(argv: list[str] | None = None) -> Path:
     full = {}
     for name in names:
         number = numbers[name]
-        full[name] = write_scan(scans, f"{number:02d}_{name}", new[name], seed=10 + number)
+        full[name] = write_scan(
+            scans,
+            f"{number:02d}_{name}",
+            new[name],
+            seed=10 + number,
+            coils=args.coils,
+            center_fraction=args.center_fraction,
+            mask_type=args.mask_type,
+        )
 
     # (name, model file, its cohort's slice store, where its outputs go)
     models = []

@@ -139,6 +139,18 @@ def test_guard_folds_split_the_outer_lines_and_leave_the_centre():
     assert torch.equal(folds, again)
 
 
+def test_the_guard_cross_checks_only_slices_with_two_lines_in_every_fold():
+    line_mask = torch.zeros(5, 41, dtype=torch.bool)
+    line_mask[:, 16:24] = True  # eight calibration lines, as R = 4 with a 20 % centre gives
+    line_mask[0, [3, 35]] = True  # the T1 crop's two outer lines: one per fold
+    line_mask[1, [3, 9, 35]] = True  # three: one fold of one line
+    line_mask[2, [3, 9, 30, 35]] = True  # four: two per fold
+    line_mask[3, [1, 3, 5, 9, 30, 33, 35, 38]] = True
+    folds = reconstruct.guard_folds(line_mask, torch.Generator().manual_seed(3))
+    checkable = reconstruct.cross_checkable(folds)
+    assert checkable.tolist() == [False, False, True, True, False]
+
+
 def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model, tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()
