@@ -165,9 +165,9 @@ def write_scan(
     mask_type: str = "equispaced",
 ) -> np.ndarray:
     """Magnitude slices → ``coils``-coil k-space with a smooth phase, R = 4 (by default
-    equispaced with a 20 % centre: ESPIRiT needs 6 calibration lines
-    of the T1's 41 phase-encode columns),
-    written as a fastMRI file; returns the fully sampled k-space (which the file never holds)."""
+    equispaced with a 20 % centre: ESPIRiT needs 6 calibration lines of the T1's 41
+    phase-encode columns), written as a fastMRI file; returns the fully sampled k-space
+    (which the file never holds)."""
     kspace = simulate_multicoil_kspace(slices.astype(np.float32), coils=coils, seed=seed)
     line_mask = LineMaskFunc([center_fraction], [4], mask_type)(kspace.shape[-1], seed)
     write_fastmri(folder / f"{name}.h5", kspace, line_mask)

@@ -145,7 +145,7 @@ def test_the_guard_cross_checks_only_slices_with_two_lines_in_every_fold():
     line_mask[0, [3, 35]] = True  # the T1 crop's two outer lines: one per fold
     line_mask[1, [3, 9, 35]] = True  # three: one fold of one line
     line_mask[2, [3, 9, 30, 35]] = True  # four: two per fold
-    line_mask[3, [1, 3, 5, 9, 30, 33, 35, 38]] = True
+    line_mask[3, [1, 3, 5, 9, 30, 33, 35, 38]] = True  # eight; row 4: none
     folds = reconstruct.guard_folds(line_mask, torch.Generator().manual_seed(3))
     checkable = reconstruct.cross_checkable(folds)
     assert checkable.tolist() == [False, False, True, True, False]
