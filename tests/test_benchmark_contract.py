@@ -173,6 +173,20 @@ def test_robust_prior_crop_prior_sees_the_t1_band(tmp_path, monkeypatch):
     assert spectrum[:, ~band].sum() < 1e-4 * spectrum.sum()
     with pytest.raises(SystemExit):
         robust_prior.main(argv + ["--model", "m.pt", "--model-slices", "s.h5"])
+    # The same prior under rotated phases: a global phase leaves zero-filled unchanged.
+    phase_rotation = _benchmark("phase_rotation")
+    argv = ["--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "out")]
+    argv += ["--rotations", "0", "180", "--every", "8"]
+    rotated = json.loads(phase_rotation.main(argv + ["--threads", "1"]).read_text())["rows"]
+    assert {(r["subject"], r["phase"], r["rotation_deg"]) for r in rotated} == {
+        (s, p, d) for s in (1, 2) for p in ("cohort", "file") for d in (0.0, 180.0)
+    }
+    for row in rotated:
+        turned = [
+            r for r in rotated if r["subject"] == row["subject"] and r["phase"] == row["phase"]
+        ]
+        assert row["zero_filled"] == turned[0]["zero_filled"]
+        assert np.isfinite(row["diffusion_dc"])
 
 
 def test_ablation_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch):
