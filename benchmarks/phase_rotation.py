@@ -27,6 +27,7 @@ from common import RESULTS, load_config, start, write_results  # noqa: E402
 from robust_prior import psnr_on_model_scale  # noqa: E402
 
 from ambient_med.config import stage_config  # noqa: E402
+from ambient_med.io.demo import file_phased  # noqa: E402
 from ambient_med.io.store import read_slices  # noqa: E402
 from ambient_med.physics.acquisition import as_channels, complex_slices  # noqa: E402
 from ambient_med.physics.masks import LineMaskFunc  # noqa: E402
@@ -64,9 +65,7 @@ def main(argv: list[str] | None = None) -> Path:
         names, positions = slice_identity(store, rows)
         phases = {
             "cohort": complex_slices(truth, names, positions, seed),
-            "file": complex_slices(
-                truth, [f"file-{subject}"] * len(rows), np.arange(len(rows)), int(subject)
-            ),
+            "file": file_phased(truth, int(subject)),
         }
         for phase, images in phases.items():
             for degrees in args.rotations:

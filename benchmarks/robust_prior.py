@@ -99,6 +99,18 @@ REPORTED = (
 )
 
 
+def covered(planes: np.ndarray, share: float) -> np.ndarray:
+    """``(S,)`` True for the planes ``(S, H, W)`` where the head (above 10 % of the volume's
+    maximum) covers more than ``share`` of the plane."""
+    return (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > share
+
+
+def centre_crop(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The central ``height x width`` of each plane ``(S, H, W)``."""
+    x0, y0 = (planes.shape[1] - height) // 2, (planes.shape[2] - width) // 2
+    return planes[:, x0 : x0 + height, y0 : y0 + width]
+
+
 def real_slices() -> dict[str, np.ndarray]:
     """Real MR images shipped with the dependencies, as magnitude slices: nibabel's
     T1-weighted ``anatomical.nii`` and the first volume of its EPI ``example4d.nii.gz``
@@ -114,8 +126,7 @@ def real_slices() -> dict[str, np.ndarray]:
 
     def axial(volume: np.ndarray, every: int) -> np.ndarray:
         planes = np.moveaxis(volume, 2, 0)
-        covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.2
-        return planes[covered][::every]
+        return planes[covered(planes, 0.2)][::every]
 
     return {
         "t1_anatomical": axial(anatomical, 3),
@@ -132,8 +143,7 @@ def demo_head(contrast: str, plane: str, size: int, voxel_mm: float = 3.0) -> np
     planes = torch.from_numpy(np.moveaxis(volume, 2, 0)[:, None].astype(np.float32))
     planes = F.interpolate(planes, size=(size, size), mode="bilinear", antialias=True)[:, 0]
     planes = planes.numpy()
-    covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.3
-    return planes[covered][::4]
+    return planes[covered(planes, 0.3)][::4]
 
 
 def field_of_view_controls(real_t1: np.ndarray, voxel_mm: float = 2.0) -> dict[str, np.ndarray]:
@@ -144,10 +154,8 @@ def field_of_view_controls(real_t1: np.ndarray, voxel_mm: float = 2.0) -> dict[s
     tissues, _ = load_template(voxel_mm)
     volume = posed(pseudo_subject(tissues, NEW_HEAD_SEED, voxel_mm, "t1w"), "axial")
     planes = np.moveaxis(volume, 2, 0)
-    covered = (planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.3
     height, width = real_t1.shape[1:]
-    x0, y0 = (planes.shape[1] - height) // 2, (planes.shape[2] - width) // 2
-    crop = planes[covered][::4, x0 : x0 + height, y0 : y0 + width]
+    crop = centre_crop(planes[covered(planes, 0.3)][::4], height, width)
     side = round(220 / voxel_mm)
     padded = np.zeros((len(real_t1), side, side), np.float32)
     px, py = (side - height) // 2, (side - width) // 2
@@ -195,6 +203,18 @@ def psnr_on_model_scale(truth: np.ndarray, zero_filled: np.ndarray, image: np.nd
 
 
 CROP_SEED = 5000
+T1_MATRIX = (33, 41)  # nibabel's anatomical.nii in plane, 2 mm voxels
+
+
+def train_prior(config: dict, folder: Path, slices: Path) -> Path:
+    """An ambient k-space model of the slice store ``slices``, trained (or resumed) under
+    ``folder`` with ``config``'s demo cohort settings; returns the model file."""
+    measurements = folder / "kspace.h5"
+    if not measurements.exists():
+        corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
+    cfg = stage_config(config, "demo", "train")
+    train.run(cfg, measurements, folder / "model.pt", folder / "loss.csv", folder / "ck")
+    return folder / "model.pt"
 
 
 def crop_cohort(config: dict, folder: Path, size: int, subjects: int) -> Path:
@@ -212,9 +232,8 @@ def crop_cohort(config: dict, folder: Path, size: int, subjects: int) -> Path:
     for number in range(subjects):
         volume = posed(pseudo_subject(tissues, CROP_SEED + number, 2.0, "t1w"), "axial")
         planes = np.moveaxis(volume, 2, 0)
-        covered = np.flatnonzero((planes > 0.1 * planes.max()).mean(axis=(1, 2)) > 0.3)
-        x0, y0 = (planes.shape[1] - 33) // 2, (planes.shape[2] - 41) // 2
-        crops = planes[covered, x0 : x0 + 33, y0 : y0 + 41]
+        kept = np.flatnonzero(covered(planes, 0.3))
+        crops = centre_crop(planes[kept], *T1_MATRIX)
         kspace = np.fft.fftshift(
             np.fft.fft2(np.fft.ifftshift(crops, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
         )
@@ -224,7 +243,7 @@ def crop_cohort(config: dict, folder: Path, size: int, subjects: int) -> Path:
         )
         images.append(on_grid.astype(np.float32))
         subject += [number] * len(crops)
-        slice_index += covered.tolist()
+        slice_index += kept.tolist()
     index = SliceIndex(
         np.asarray(subject, np.int32),
         np.asarray(slice_index, np.int32),
@@ -315,23 +334,13 @@ def main(argv: list[str] | None = None) -> Path:
         folder = work / "t1_crop"
         folder.mkdir(exist_ok=True)
         slices = crop_cohort(config, folder, args.image_size, args.subjects)
-        measurements = folder / "kspace.h5"
-        if not measurements.exists():
-            corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
-        cfg = stage_config(config, "demo", "train")
-        train.run(cfg, measurements, folder / "model.pt", folder / "loss.csv", folder / "ck")
-        models.append(("t1_crop", folder / "model.pt", slices, folder))
+        models.append(("t1_crop", train_prior(config, folder, slices), slices, folder))
     for model, demo in MODELS.items() if not (args.model or args.crop_prior) else ():
         config["demo"] |= demo
         folder = work / model
         folder.mkdir(exist_ok=True)
         slices = demo_slices(config, folder)
-        measurements = folder / "kspace.h5"
-        if not measurements.exists():
-            corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
-        cfg = stage_config(config, "demo", "train")
-        train.run(cfg, measurements, folder / "model.pt", folder / "loss.csv", folder / "ck")
-        models.append((model, folder / "model.pt", slices, folder))
+        models.append((model, train_prior(config, folder, slices), slices, folder))
 
     rows = []
     for model, model_path, slices, folder in models:

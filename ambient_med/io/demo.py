@@ -519,6 +519,15 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def file_phased(images: np.ndarray, seed: int) -> np.ndarray:
+    """``(N, H, W)`` complex: magnitude slices of one subject (named by ``seed``) at
+    consecutive positions, given the shared simulator's smooth phase, as a simulated file of
+    them holds them (:func:`simulate_multicoil_kspace`)."""
+    from ambient_med.physics.acquisition import complex_slices
+
+    return complex_slices(images, [f"file-{seed}"] * len(images), np.arange(len(images)), seed)
+
+
 def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.ndarray:
     """Fully sampled multi-coil k-space of magnitude slices, as a scanner file would hold.
 
@@ -532,12 +541,11 @@ def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.n
     Returns:
         ``(N, coils, H, W)`` complex64 k-space.
     """
-    from ambient_med.physics.acquisition import complex_slices, multicoil_kspace
+    from ambient_med.physics.acquisition import multicoil_kspace
     from ambient_med.physics.coils import birdcage
 
-    n, height, width = images.shape
-    phased = complex_slices(images, [f"file-{seed}"] * n, np.arange(n), seed)
-    return multicoil_kspace(phased, birdcage(coils, height, width))
+    height, width = images.shape[-2:]
+    return multicoil_kspace(file_phased(images, seed), birdcage(coils, height, width))
 
 
 def write_fastmri(
