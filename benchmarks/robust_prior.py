@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="train and score one prior of demo T1w heads cropped as the real T1 is (a control)",
     )
+    parser.add_argument(
+        "--rotate-phase", action="store_true", help="train with train.rotate_phase: true"
+    )
     acquired = parser.add_argument_group("how the new scans are acquired (R = 4)")
     acquired.add_argument("--coils", type=int, default=4)
     acquired.add_argument("--center-fraction", type=float, default=0.2)
@@ -293,7 +296,11 @@ def main(argv: list[str] | None = None) -> Path:
     config = load_config(args.config, Path("config/tiny.yaml") if args.short else None)
     config["ingest"]["image_size"] = args.image_size
     config["demo"]["subjects"] = args.subjects
-    config["train"] |= {"steps": args.steps, "checkpoint_every": args.steps}
+    config["train"] |= {
+        "steps": args.steps,
+        "checkpoint_every": args.steps,
+        "rotate_phase": args.rotate_phase,
+    }
     config["reconstruct"] |= {"accelerations": [4], "samplers": ["dc", "dps", "one_step"]}
     config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": "ambient"}
     work = args.workdir

@@ -15,6 +15,8 @@ from ambient_med.physics.operators import (
     fft2c,
     ifft2c,
     mirror_rows,
+    rotate_phase,
+    to_complex,
 )
 
 torch.manual_seed(0)
@@ -190,4 +192,25 @@ def test_mirrored_rows_are_measured_through_the_same_line_mask(height):
     # Measurements (B, coils, H, W, 2): rows are axis -3.
     torch.testing.assert_close(
         mirrored_sense.A(mirror_rows(x)), mirror_rows(sense.A(x), -3), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_a_global_phase_commutes_with_every_complex_operator():
+    """rotate_phase is exp(iθ) per example: A(e^{iθ} x) = e^{iθ} A(x) for the Fourier and
+    SENSE operators, the magnitude stays, and θ = π negates."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 2, 16, 12, generator=generator)
+    angles = torch.tensor([0.3, 2.0, -1.1])
+    rotated = rotate_phase(x, angles)
+    expected = to_complex(x) * torch.exp(1j * angles.to(torch.complex64)).view(-1, 1, 1)
+    torch.testing.assert_close(to_complex(rotated), expected)
+    torch.testing.assert_close(to_complex(rotated).abs(), to_complex(x).abs())
+    torch.testing.assert_close(rotate_phase(x, torch.full((3,), torch.pi)), -x)
+    lines = torch.from_numpy(np.stack([LineMaskFunc([0.1], [3])(12, seed=s) for s in range(3)]))
+    fourier = SingleCoilFourier(lines, 16)
+    torch.testing.assert_close(fourier.A(rotated), rotate_phase(fourier.A(x), angles))
+    sense = MultiCoilSense(lines, torch.from_numpy(birdcage(4, 16, 12)).expand(3, -1, -1, -1))
+    # Multi-coil measurements (B, coils, H, W, 2): the pair is the last axis.
+    torch.testing.assert_close(
+        sense.A(rotated), rotate_phase(sense.A(x), angles, -1), atol=1e-5, rtol=1e-5
     )

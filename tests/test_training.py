@@ -249,3 +249,40 @@ def test_mirrored_examples_are_measurements_of_mirrored_images(case):
     assert not torch.allclose(targets, data.targets[idx])  # something was mirrored
     seen = a_tilde.measurement_mask.expand_as(targets) > 0
     assert (a.measurement_mask.expand_as(targets)[seen] > 0).all()
+
+
+@pytest.mark.parametrize("case", ["kspace", "native", "kspace_naive"])
+def test_phase_rotated_examples_are_measurements_of_rotated_images(case):
+    """train.rotate_phase: an example's targets are exactly what its operator measures of the
+    clean image times exp(iθ) (ambient), or that image's zero-filled estimate (naive); B still
+    hides only acquired entries."""
+    from ambient_med.diffusion.training import TrainingSet
+    from ambient_med.physics.coils import birdcage
+    from ambient_med.physics.masks import LineMaskFunc
+    from ambient_med.physics.operators import MultiCoilSense, SingleCoilFourier, rotate_phase
+
+    n, height, width = 5, 16, 12
+    x = torch.randn(n, 2, height, width, generator=torch.Generator().manual_seed(2))
+    masks = torch.from_numpy(np.stack([LineMaskFunc([0.1], [3])(width, seed=s) for s in range(n)]))
+    maps = None
+    if case == "native":
+        maps = torch.from_numpy(birdcage(3, height, width)).expand(n, -1, -1, -1)
+        op = MultiCoilSense(masks, maps)
+    else:
+        op = SingleCoilFourier(masks, height)
+    if case.endswith("naive"):
+        data = TrainingSet(op.A_adjoint(op.A(x)), "kspace", "naive")
+    else:
+        data = TrainingSet(op.A(x), case, "ambient", masks=masks, maps=maps)
+    idx = torch.tensor([4, 0, 2])
+    angles = torch.tensor([0.5, 3.0, -2.0])
+    targets, a, a_tilde = data.batch(idx, torch.Generator().manual_seed(1), "cpu", angles=angles)
+    image = rotate_phase(x[idx], angles)
+    if case.endswith("naive"):
+        sub = SingleCoilFourier(masks[idx], height)
+        torch.testing.assert_close(targets, sub.A_adjoint(sub.A(image)), atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(targets, a.A(image), atol=1e-5, rtol=1e-5)
+        seen = a_tilde.measurement_mask.expand_as(targets) > 0
+        assert (a.measurement_mask.expand_as(targets)[seen] > 0).all()
+    assert not torch.allclose(targets, data.targets[idx], atol=1e-3)

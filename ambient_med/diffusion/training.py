@@ -30,6 +30,7 @@ from ambient_med.physics.operators import (
     PixelMask,
     SingleCoilFourier,
     mirror_rows,
+    rotate_phase,
 )
 
 MODES = ("ambient", "naive", "clean")
@@ -97,6 +98,12 @@ class TrainingSet:
         """The targets' axis of image rows H (the readout direction of k-space kinds)."""
         return -3 if self.kind == "native" and self.mode == "ambient" else -2
 
+    @property
+    def complex_dim(self) -> int:
+        """The targets' (real, imaginary) axis: last for native multi-coil measurements,
+        else the channels."""
+        return -1 if self.kind == "native" and self.mode == "ambient" else 1
+
     def subset(self, idx: torch.Tensor | np.ndarray) -> TrainingSet:
         """The examples ``idx`` (targets, masks and maps alike)."""
 
@@ -118,6 +125,7 @@ class TrainingSet:
         device: torch.device | str,
         shard: slice = slice(None),
         mirrored: torch.Tensor | None = None,
+        angles: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MaskedOperator, MaskedOperator]:
         """(targets, A, Ã) of the examples ``idx[shard]``; B is redrawn from ``generator``
         unless fixed.
@@ -126,11 +134,15 @@ class TrainingSet:
         data-parallel rank consumes the generator exactly as a single process would.
         ``mirrored`` ``(len(idx),)`` bool: examples mirrored along their rows
         (:func:`~ambient_med.physics.operators.mirror_rows`), targets, 2-D masks and coil
-        maps together (line masks over columns need nothing).
+        maps together (line masks over columns need nothing). ``angles`` ``(len(idx),)``:
+        each example's targets times ``exp(i angle)``
+        (:func:`~ambient_med.physics.operators.rotate_phase`; masks and maps need nothing).
         """
         targets = self.targets[idx[shard]]
         if mirrored is not None:
             targets = mirrored_where(targets, mirrored[shard], self.row_dim)
+        if angles is not None:
+            targets = rotate_phase(targets, angles[shard], self.complex_dim)
         targets = targets.to(device)
         b, (h, w) = len(range(len(idx))[shard]), self.image_shape
         if self.mode != "ambient":
@@ -302,7 +314,8 @@ class Trainer:
     share it, up to floating-point summation order.
 
     ``mirror``: each example is mirrored along its rows with probability 1/2
-    (``train.mirror_rows``).
+    (``train.mirror_rows``). ``rotate``: each complex example is multiplied by a global phase
+    ``exp(iθ)``, θ uniform in [0, 2π) (``train.rotate_phase``).
     """
 
     def __init__(
@@ -318,9 +331,12 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         mirror: bool = False,
+        rotate: bool = False,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by {world_size} ranks")
+        if rotate and data.image_channels != 2:
+            raise ValueError("a global phase needs complex images (a k-space kind)")
         self.device = torch.device(device)
         self.module = net.to(self.device)
         self.net: nn.Module = self.module
@@ -339,7 +355,7 @@ class Trainer:
             self.module, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True
         )
         self.generator = torch.Generator().manual_seed(seed)
-        self.mirror = mirror
+        self.mirror, self.rotate = mirror, rotate
         self.step = 0
 
     def _autocast(self):
@@ -358,7 +374,13 @@ class Trainer:
             # Augmentation: half the examples mirrored along the rows (the readout axis),
             # measurements and operator alike, so each stays a measurement of an image.
             mirrored = torch.rand(self.batch_size, generator=self.generator) < 0.5
-        y, op, op_tilde = self.data.batch(idx, self.generator, self.device, shard, mirrored)
+        angles = None
+        if self.rotate:
+            # Augmentation: a global phase per example. Real scans carry arbitrary receive and
+            # B0 phase; a prior shown one phase map per subject learns those maps (the DC gain
+            # moved by up to 1 dB with e^{iθ}, benchmarks/results/phase_rotation.json).
+            angles = 2 * math.pi * torch.rand(self.batch_size, generator=self.generator)
+        y, op, op_tilde = self.data.batch(idx, self.generator, self.device, shard, mirrored, angles)
         t = self.objective.sample_timesteps(self.batch_size, self.generator)[shard]
         shape = (self.batch_size, self.data.image_channels, *self.data.image_shape)
         noise = torch.randn(shape, generator=self.generator)[shard].to(self.device)

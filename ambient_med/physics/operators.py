@@ -37,6 +37,21 @@ def mirror_rows(data: torch.Tensor, dim: int = -2) -> torch.Tensor:
     return torch.roll(torch.flip(data, (dim,)), 2 * (length // 2) - length + 1, dim)
 
 
+def rotate_phase(data: torch.Tensor, angles: torch.Tensor, complex_dim: int = 1) -> torch.Tensor:
+    """``data`` ``(N, ...)`` times ``exp(i angles)`` per example, its (real, imaginary) pair
+    on axis ``complex_dim``; ``angles`` ``(N,)`` in radians.
+
+    A global phase changes nothing a magnitude image shows, and every operator here is
+    complex-linear, so ``A(e^{iθ} x) = e^{iθ} A(x)``: rotated measurements are measurements of
+    the rotated image under the same mask and coil maps.
+    """
+    real, imag = data.select(complex_dim, 0), data.select(complex_dim, 1)
+    per_example = (-1,) + (1,) * (real.ndim - 1)
+    cos = torch.cos(angles).to(data).view(per_example)
+    sin = torch.sin(angles).to(data).view(per_example)
+    return torch.stack((cos * real - sin * imag, sin * real + cos * imag), dim=complex_dim)
+
+
 class MaskedOperator:
     """A = M T with T a linear map (identity, Fourier, SENSE) and M a 0/1 mask on its output.
 

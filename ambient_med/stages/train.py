@@ -162,6 +162,8 @@ def build_trainer(
         rank=group.rank,
         world_size=group.world_size,
         mirror=train["mirror_rows"],
+        # Real (pixel-masked) images have no phase to rotate.
+        rotate=train["rotate_phase"] and data.image_channels == 2,
     )
 
 
