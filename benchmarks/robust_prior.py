@@ -207,13 +207,16 @@ T1_MATRIX = (33, 41)  # nibabel's anatomical.nii in plane, 2 mm voxels
 
 
 def train_prior(config: dict, folder: Path, slices: Path) -> Path:
-    """An ambient k-space model of the slice store ``slices``, trained (or resumed) under
-    ``folder`` with ``config``'s demo cohort settings; returns the model file."""
-    measurements = folder / "kspace.h5"
-    if not measurements.exists():
-        corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, measurements)
+    """A k-space model of the slice store ``slices``, trained (or resumed) under ``folder``
+    with ``config``'s demo cohort settings; returns the model file. Modes other than
+    ``clean`` train on the measurements ``corrupt`` makes of it."""
     cfg = stage_config(config, "demo", "train")
-    train.run(cfg, measurements, folder / "model.pt", folder / "loss.csv", folder / "ck")
+    examples = slices
+    if cfg["cohort"]["train_mode"] != "clean":
+        examples = folder / "kspace.h5"
+        if not examples.exists():
+            corrupt.run(stage_config(config, "demo", "corrupt"), "kspace", slices, examples)
+    train.run(cfg, examples, folder / "model.pt", folder / "loss.csv", folder / "ck")
     return folder / "model.pt"
 
 
@@ -281,6 +284,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--rotate-phase", action="store_true", help="train with train.rotate_phase: true"
     )
+    parser.add_argument(
+        "--train-mode",
+        choices=("ambient", "naive", "clean"),
+        default="ambient",
+        help="clean: the control a prior of fully sampled images gives",
+    )
     acquired = parser.add_argument_group("how the new scans are acquired (R = 4)")
     acquired.add_argument("--coils", type=int, default=4)
     acquired.add_argument("--center-fraction", type=float, default=0.2)
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> Path:
         "rotate_phase": args.rotate_phase,
     }
     config["reconstruct"] |= {"accelerations": [4], "samplers": ["dc", "dps", "one_step"]}
-    config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": "ambient"}
+    config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": args.train_mode}
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
 
