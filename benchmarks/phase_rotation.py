@@ -6,9 +6,11 @@ x. Here the prior of ``robust_prior.py --crop-prior`` (its ``--workdir``) recons
 hold-out subjects, every ``--every``-th slice, with one mask per subject (1 coil, random R = 4,
 8 % centre, as ``robust_prior.py --coils 1 ...`` writes them), under two phases — the
 cohort's (the subject's smooth phase, as the workflow's hold-out has it) and the one
-``robust_prior.write_scan`` gives a file of those slices — each rotated by ``--rotations``
-degrees. Rows: ``{subject, phase, rotation_deg, zero_filled, diffusion_dc}`` (PSNR dB, as
-``robust_prior.py`` computes it). Zero-filled does not move with θ; DC should not either.
+``robust_prior.write_scan`` gives a file of those slices — and none (the magnitude images:
+what is left to gain where no phase spreads the image's k-space), each rotated by
+``--rotations`` degrees. Rows: ``{subject, phase, rotation_deg, zero_filled, diffusion_dc}``
+(PSNR dB, as ``robust_prior.py`` computes it). Zero-filled does not move with θ; DC should
+not either.
 
     python benchmarks/phase_rotation.py --workdir benchmarks/work/robust_crop24
 """
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> Path:
         phases = {
             "cohort": complex_slices(truth, names, positions, seed),
             "file": file_phased(truth, int(subject)),
+            "none": truth.astype(np.complex64),
         }
         for phase, images in phases.items():
             for degrees in args.rotations:

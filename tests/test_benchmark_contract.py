@@ -179,7 +179,7 @@ def test_robust_prior_crop_prior_sees_the_t1_band(tmp_path, monkeypatch):
     argv += ["--rotations", "0", "180", "--every", "8"]
     rotated = json.loads(phase_rotation.main(argv + ["--threads", "1"]).read_text())["rows"]
     assert {(r["subject"], r["phase"], r["rotation_deg"]) for r in rotated} == {
-        (s, p, d) for s in (1, 2) for p in ("cohort", "file") for d in (0.0, 180.0)
+        (s, p, d) for s in (1, 2) for p in ("cohort", "file", "none") for d in (0.0, 180.0)
     }
     for row in rotated:
         turned = [
@@ -286,3 +286,32 @@ def test_gpu_benchmark_trains_models_side_by_side_and_scores_their_snapshots(tmp
     subjects = store.index.subject[picked]
     assert set(picked) <= set(store.index.rows("train")) and len(np.unique(subjects)) == 2
     assert all((subjects == s).sum() == 3 for s in np.unique(subjects))
+
+
+def test_the_phase_ablation_swaps_only_the_cohorts_phase():
+    """phase_model.py: every slice its own seeded map (``slice``), scaled by one u in [0, 1]
+    per slice (``varied``); magnitudes kept; a file's slices keep the workflow's phase."""
+    phase_model = _benchmark("phase_model")
+    from ambient_med.physics.acquisition import complex_slices
+
+    images = np.random.default_rng(0).uniform(0.5, 1.0, (4, 8, 8)).astype(np.float32)
+    subjects, positions = ["a", "a", "a", "b"], np.array([3, 4, 5, 3])
+    per_slice = phase_model.per_slice_phase(varied=False)(images, subjects, positions, 7)
+    varied = phase_model.per_slice_phase(varied=True)(images, subjects, positions, 7)
+    for phased in (per_slice, varied):
+        np.testing.assert_allclose(np.abs(phased), images, rtol=1e-5)
+    again = phase_model.per_slice_phase(varied=True)(images, subjects, positions, 7)
+    assert np.array_equal(varied, again)
+    # Each slice's varied phase is its per-slice phase times one factor u in [0, 1].
+    for n in range(4):
+        base, scaled = np.angle(per_slice[n] / images[n]), np.angle(varied[n] / images[n])
+        centre = (slice(3, 5), slice(3, 5))  # small phases: no wrapping
+        u = np.median(scaled[centre] / base[centre])
+        assert 0.0 <= u <= 1.0
+    workflow = complex_slices(images, subjects, positions, 7)
+    assert not np.allclose(per_slice, workflow)
+    files = ["file-3"] * 4
+    np.testing.assert_array_equal(
+        phase_model.per_slice_phase(True)(images, files, positions, 7),
+        complex_slices(images, files, positions, 7),
+    )
