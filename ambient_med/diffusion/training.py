@@ -377,8 +377,8 @@ class Trainer:
         angles = None
         if self.rotate:
             # Augmentation: a global phase per example. Real scans carry arbitrary receive and
-            # B0 phase; a prior shown one phase map per subject learns those maps (the DC gain
-            # moved by up to 1 dB with e^{iθ}, benchmarks/results/phase_rotation.json).
+            # B0 phase; without it a prior's DC gain moved by up to 1 dB with e^{iθ}
+            # (benchmarks/results/phase_rotation.json).
             angles = 2 * math.pi * torch.rand(self.batch_size, generator=self.generator)
         y, op, op_tilde = self.data.batch(idx, self.generator, self.device, shard, mirrored, angles)
         t = self.objective.sample_timesteps(self.batch_size, self.generator)[shard]
