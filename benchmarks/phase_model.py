@@ -73,7 +73,16 @@ def per_slice_phase(varied: bool):
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohort-phase", choices=("subject", "slice", "varied"), required=True)
+    # Read here and handed to both scripts: the prior phase_rotation.py scores is the one
+    # robust_prior.py trains in --workdir.
+    shared = parser.add_argument_group("passed to robust_prior.py and phase_rotation.py")
+    shared.add_argument("--workdir", required=True)
+    shared.add_argument("--results", default=None)
+    shared.add_argument("--threads", default="2")
     args, passed_on = parser.parse_known_args(argv)
+    both = ["--workdir", args.workdir, "--threads", args.threads]
+    if args.results is not None:
+        both += ["--results", args.results]
     import phase_rotation
     import robust_prior
 
@@ -81,15 +90,10 @@ def main(argv: list[str] | None = None) -> Path:
         swapped = per_slice_phase(args.cohort_phase == "varied")
         acquisition.complex_slices = common.complex_slices = swapped
     try:
-        path = robust_prior.main(passed_on)
+        path = robust_prior.main(passed_on + both)
     finally:
         acquisition.complex_slices = common.complex_slices = WORKFLOW_PHASE
-    keep = {"--workdir", "--results", "--threads"}
-    rotation = [f"--name={path.stem}_rotation"]
-    for flag, value in zip(passed_on, passed_on[1:], strict=False):
-        if flag in keep:
-            rotation += [flag, value]
-    phase_rotation.main(rotation)
+    phase_rotation.main(both + ["--name", f"{path.stem}_rotation"])
     return path
 
 

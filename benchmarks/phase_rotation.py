@@ -4,10 +4,10 @@ A global phase e^{iθ} means nothing physically (|x| is the image) and commutes 
 operator here (A(e^{iθ} x) = e^{iθ} A x), so a prior should reconstruct e^{iθ} x as well as
 x. Here the prior of ``robust_prior.py --crop-prior`` (its ``--workdir``) reconstructs its
 hold-out subjects, every ``--every``-th slice, with one mask per subject (1 coil, random R = 4,
-8 % centre, as ``robust_prior.py --coils 1 ...`` writes them), under two phases — the
-cohort's (the subject's smooth phase, as the workflow's hold-out has it) and the one
-``robust_prior.write_scan`` gives a file of those slices — and none (the magnitude images:
-what is left to gain where no phase spreads the image's k-space), each rotated by
+8 % centre, as ``robust_prior.py --coils 1 ...`` writes them), under three phases — the
+cohort's (the subject's smooth phase, as the workflow's hold-out has it), the one
+``robust_prior.write_scan`` gives a file of those slices, and none (the magnitude images:
+what is left to gain where no phase spreads the image's k-space) — each rotated by
 ``--rotations`` degrees. Rows: ``{subject, phase, rotation_deg, zero_filled, diffusion_dc}``
 (PSNR dB, as ``robust_prior.py`` computes it). Zero-filled does not move with θ; DC should
 not either.
