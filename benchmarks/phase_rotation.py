@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> Path:
     config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": "ambient"}
     cfg = stage_config(config, "demo", "reconstruct")
     rc, seed = cfg["reconstruct"], cfg["cohort"]["seed"]
-    folder = args.workdir / "t1_crop"
+    # The one prior robust_prior.py trained there: --crop-prior's or --t1-prior's.
+    folder = next(
+        (args.workdir / name for name in ("t1_crop", "t1_own") if (args.workdir / name).is_dir()),
+        args.workdir / "t1_crop",
+    )
     store = read_slices(folder / "slices.h5")
     net, meta = load_model(folder / "model.pt")
     size = store.images.shape[-1]

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"{fields} PSNR {mean:.3f} ({seconds:.2f} s/slice)", flush=True)
 
     for accel in args.accelerations:
-        todo_baselines = any((b, accel, "") not in done for b in ("zero_filled", "cs_l1"))
+        todo_baselines = any((b, accel, "") not in done for b in ("zero_filled", "cs_l1", "pocs"))
         op, y, baseline, seconds, _ = retrospective(
             rc, accel, store, holdout, validation, keys, seed, with_baselines=todo_baselines
         )

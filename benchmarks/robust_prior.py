@@ -41,7 +41,18 @@ knows the T1's field of view and band; at the default demo model's budget:
         --name robust_prior_crop_1coil --scans t1_anatomical demo_t1w_crop \
         --coils 1 --center-fraction 0.08 --mask-type random
 
-Resumable: models are trained (and resumed) under ``--workdir``.
+A control for anatomy: ``--t1-prior`` trains one prior on the real T1's own slices that the
+scan does not hold (each its own pseudo-subject, the last two held out) — a prior of the very
+head it reconstructs; its hold-out row is then two of those slices:
+
+    python benchmarks/phase_model.py --cohort-phase varied --t1-prior --image-size 64 \
+        --steps 1200 --name robust_prior_t1own_rot_varied_1coil \
+        --workdir benchmarks/work/robust_t1own --scans t1_anatomical demo_t1w_crop \
+        --coils 1 --center-fraction 0.08 --mask-type random --rotate-phase --mirror-rows
+
+``--phase-constraint on|off`` and ``--phase-window`` set ``reconstruct.phase_constraint``
+and ``reconstruct.phase_window`` (the pocs column is there
+either way). Resumable: models are trained (and resumed) under ``--workdir``.
 """
 
 from __future__ import annotations
@@ -89,7 +100,7 @@ NEW_HEADS = {
     "demo_t1w_coronal": ("t1w", "coronal"),
 }
 NEW_HEAD_SEED = 4242
-METHODS = ("zero_filled", "cs_l1", "diffusion_dc", "diffusion_dps", "diffusion_one_step")
+METHODS = ("zero_filled", "cs_l1", "pocs", "diffusion_dc", "diffusion_dps", "diffusion_one_step")
 REPORTED = (
     "prior_gain",
     "domain_shift_score",
@@ -258,6 +269,41 @@ def crop_cohort(config: dict, folder: Path, size: int, subjects: int) -> Path:
     return slices
 
 
+def t1_cohort(config: dict, folder: Path, size: int) -> Path:
+    """A slice store of the real T1's own slices that no scan here holds (the scan takes every
+    third of ``anatomical.nii``'s covered planes; these are the ones between), each its own
+    pseudo-subject (so each gets its own simulated phase), brought onto the ``size`` grid as
+    the scan is, the last two held out. The control for anatomy: a prior of the very head it
+    reconstructs, at a given budget, is the most a prior of that budget can gain on the scan."""
+    import nibabel as nib
+
+    slices = folder / "slices.h5"
+    if slices.exists():
+        return slices
+    data = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
+    volume = np.asarray(nib.load(data).dataobj, np.float32)
+    planes = np.moveaxis(volume, 2, 0)
+    kept = np.flatnonzero(covered(planes, 0.2))
+    unscanned = np.setdiff1d(kept, kept[::3])
+    kspace = np.fft.fftshift(
+        np.fft.fft2(np.fft.ifftshift(planes[unscanned], axes=(-2, -1)), norm="ortho"),
+        axes=(-2, -1),
+    )
+    on_grid = reference_magnitudes(kspace[:, None], size)
+    ingest = config["ingest"]
+    on_grid /= intensity_scale(on_grid, ingest["intensity_percentile"], ingest["intensity_band"])
+    count = len(unscanned)
+    index = SliceIndex(
+        np.arange(count, dtype=np.int32),
+        unscanned.astype(np.int32),
+        [f"t1slice{number}" for number in range(count)],
+        ["train"] * (count - 2) + ["holdout"] * 2,
+        np.stack([np.eye(4)] * count),
+    )
+    write_slices(slices, SliceStore(on_grid.astype(np.float32), index, {"cohort": "demo"}))
+    return slices
+
+
 def main(argv: list[str] | None = None) -> Path:
     import nibabel as nib
 
@@ -282,7 +328,23 @@ def main(argv: list[str] | None = None) -> Path:
         help="train and score one prior of demo T1w heads cropped as the real T1 is (a control)",
     )
     parser.add_argument(
+        "--t1-prior",
+        action="store_true",
+        help="train and score one prior of the real T1's own unscanned slices (a control)",
+    )
+    parser.add_argument(
         "--rotate-phase", action="store_true", help="train with train.rotate_phase: true"
+    )
+    parser.add_argument(
+        "--mirror-rows", action="store_true", help="train with train.mirror_rows: true"
+    )
+    parser.add_argument(
+        "--phase-constraint",
+        choices=("on", "off"),
+        help="reconstruct.phase_constraint (default: the config's)",
+    )
+    parser.add_argument(
+        "--phase-window", type=float, help="reconstruct.phase_window (default: the config's)"
     )
     parser.add_argument(
         "--train-mode",
@@ -295,8 +357,8 @@ def main(argv: list[str] | None = None) -> Path:
     acquired.add_argument("--center-fraction", type=float, default=0.2)
     acquired.add_argument("--mask-type", choices=("equispaced", "random"), default="equispaced")
     args = parser.parse_args(argv)
-    if args.model and args.crop_prior:
-        parser.error("--model and --crop-prior each name the one prior to score: give one")
+    if sum(map(bool, (args.model, args.crop_prior, args.t1_prior))) > 1:
+        parser.error("--model, --crop-prior and --t1-prior each name the one prior to score")
     if args.model and not args.model_slices:
         parser.error("--model needs --model-slices (the hold-out the domain-shift score uses)")
     if args.model:  # the demo heads are drawn on the given model's grid
@@ -309,8 +371,13 @@ def main(argv: list[str] | None = None) -> Path:
         "steps": args.steps,
         "checkpoint_every": args.steps,
         "rotate_phase": args.rotate_phase,
+        "mirror_rows": args.mirror_rows,
     }
     config["reconstruct"] |= {"accelerations": [4], "samplers": ["dc", "dps", "one_step"]}
+    if args.phase_constraint:
+        config["reconstruct"]["phase_constraint"] = args.phase_constraint == "on"
+    if args.phase_window:
+        config["reconstruct"]["phase_window"] = args.phase_window
     config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": args.train_mode}
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -351,7 +418,14 @@ def main(argv: list[str] | None = None) -> Path:
         folder.mkdir(exist_ok=True)
         slices = crop_cohort(config, folder, args.image_size, args.subjects)
         models.append(("t1_crop", train_prior(config, folder, slices), slices, folder))
-    for model, demo in MODELS.items() if not (args.model or args.crop_prior) else ():
+    if args.t1_prior:
+        folder = work / "t1_own"
+        folder.mkdir(exist_ok=True)
+        slices = t1_cohort(config, folder, args.image_size)
+        models.append(("t1_own", train_prior(config, folder, slices), slices, folder))
+    for model, demo in (
+        MODELS.items() if not (args.model or args.crop_prior or args.t1_prior) else ()
+    ):
         config["demo"] |= demo
         folder = work / model
         folder.mkdir(exist_ok=True)

@@ -189,6 +189,39 @@ def test_robust_prior_crop_prior_sees_the_t1_band(tmp_path, monkeypatch):
         assert np.isfinite(row["diffusion_dc"])
 
 
+def test_robust_prior_t1_prior_holds_only_slices_the_scan_does_not(tmp_path, monkeypatch):
+    """--t1-prior: a cohort of the real T1's own planes between the scanned ones, each its
+    own pseudo-subject, the last two held out; none of them is a plane of the scan."""
+    monkeypatch.chdir(REPO)
+    robust_prior = _benchmark("robust_prior")
+    argv = ["--short", "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "out")]
+    argv += ["--steps", "2", "--threads", "1", "--image-size", "64", "--t1-prior"]
+    argv += ["--scans", "t1_anatomical", "--coils", "1", "--center-fraction", "0.08"]
+    argv += ["--mask-type", "random"]
+    rows = json.loads(robust_prior.main(argv).read_text())["rows"]
+    assert {(r["model"], r["scan"]) for r in rows} == {
+        ("t1_own", "t1_anatomical"),
+        ("t1_own", "cohort_holdout"),
+    }
+    store = read_slices(tmp_path / "work" / "t1_own" / "slices.h5")
+    count = len(store.index.split)
+    assert store.index.split == ["train"] * (count - 2) + ["holdout"] * 2
+    assert len(set(store.index.subjects)) == count
+    planes = robust_prior.real_slices()["t1_anatomical"]
+    scanned = robust_prior.reference_magnitudes(
+        np.fft.fftshift(
+            np.fft.fft2(np.fft.ifftshift(planes, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
+        )[:, None],
+        64,
+    )
+    scanned /= scanned.max(axis=(1, 2), keepdims=True)
+    own = store.images / store.images.max(axis=(1, 2), keepdims=True)
+    gaps = np.abs(own[:, None] - scanned[None]).mean(axis=(2, 3))
+    assert gaps.min() > 1e-3  # no scanned plane among the prior's
+    with pytest.raises(SystemExit):
+        robust_prior.main(argv + ["--crop-prior"])
+
+
 def test_ablation_benchmark_short_run_writes_the_contract(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     ablation = _benchmark("ablation")
@@ -267,7 +300,7 @@ def test_gpu_benchmark_trains_models_side_by_side_and_scores_their_snapshots(tmp
     argv += ["--results", str(out), "--threads", "1"]
     rows = json.loads(rescore.main(argv).read_text())["rows"]
     means = {(r["model"], r["sampler"]): r["psnr"] for r in rows if "model" in r}
-    assert set(means) == {("zero_filled", ""), ("cs_l1", "")} | {
+    assert set(means) == {("zero_filled", ""), ("cs_l1", ""), ("pocs", "")} | {
         (m, s) for m in models for s in ("one_step", "dc", "dps")
     }
     pairs = {r["sampler"]: r for r in rows if "pair" in r}

@@ -82,7 +82,9 @@ def test_new_scans_report_the_prior_gain_and_end_on_their_data(t1_model, tmp_pat
         # Every diffusion reconstruction of every slice ends on its measurements: no further
         # from them than A^H y itself (the floor with estimated coil maps).
         floor = np.array(scan["residual"]["zero_filled"])
-        assert set(scan["residual"]) == {"zero_filled"} | {f"diffusion_{s}" for s in SAMPLERS}
+        assert set(scan["residual"]) == {"zero_filled", "pocs"} | {
+            f"diffusion_{s}" for s in SAMPLERS
+        }
         for method, residuals in scan["residual"].items():
             assert len(residuals) == scan["slices"]
             assert (np.array(residuals) <= floor + 1e-3).all(), method

@@ -29,8 +29,15 @@ from ambient_med.physics.operators import (
     SingleCoilFourier,
     data_consistent,
     fft2c,
+    to_channels,
 )
-from ambient_med.physics.recon import choose_lambda, l1_wavelet
+from ambient_med.physics.recon import (
+    calibration_phase,
+    choose_lambda,
+    l1_wavelet,
+    phase_constrained,
+    phase_project,
+)
 from ambient_med.stages import corrupt, ingest, reconstruct, train
 
 
@@ -232,3 +239,102 @@ def test_the_last_projection_fits_sense_measurements_tighter_than_a_step_does():
         end_on_data(fourier, start, fourier.A(truth)),
         data_consistent(fourier, start, fourier.A(truth)),
     )
+
+
+def _smooth_phase(size: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    return 1.2 * xx - 0.8 * yy + 0.6 * xx * yy
+
+
+def test_phase_project_is_the_nearest_magnitude_under_the_phase():
+    generator = torch.Generator().manual_seed(0)
+    phase = _smooth_phase(16)[None]
+    image = torch.randn(1, 2, 16, 16, generator=generator)
+    projected = phase_project(image, phase)
+    torch.testing.assert_close(phase_project(projected, phase), projected)  # idempotent
+    magnitude_under_phase = to_channels(
+        torch.rand(1, 16, 16, generator=generator) * torch.polar(torch.ones(1, 16, 16), phase)
+    )
+    torch.testing.assert_close(phase_project(magnitude_under_phase, phase), magnitude_under_phase)
+    # Nearer to the image than any other member of the set.
+    for _ in range(5):
+        other = phase_project(torch.randn(1, 2, 16, 16, generator=generator), phase)
+        assert (image - projected).norm() <= (image - other).norm()
+
+
+def test_pocs_fills_unmeasured_lines_of_a_magnitude_image_under_a_smooth_phase():
+    """A non-negative image under a smooth phase, R = 3 equispaced, 20 % centre: the central
+    lines give the phase to within 0.25 rad on the object; POCS under the true phase cuts the
+    zero-filled error by more than a third, under the estimated one by a tenth (the margin the
+    phase estimate leaves, as on real scans), and ends on the measurements; under a flat
+    phase it does worse."""
+    size = 32
+    phase = _smooth_phase(size)
+    magnitude = torch.from_numpy(_phantom(size))
+    truth = to_channels((magnitude * torch.polar(torch.ones(size, size), phase))[None])
+    lines = torch.from_numpy(LineMaskFunc([0.2], [3], "equispaced")(size, seed=0))[None]
+    op = SingleCoilFourier(lines, size)
+    y = op.A(truth)
+
+    def error(image: torch.Tensor) -> float:
+        return float((image - truth).norm() / truth.norm())
+
+    estimate = calibration_phase(op, y, 0.1)
+    assert estimate.shape == (1, size, size)
+    off = torch.angle(torch.polar(torch.ones(size, size), estimate[0] - phase))
+    assert float(off[magnitude > 0].abs().max()) < 0.25
+    zero_filled = error(op.A_adjoint(y))
+    assert error(phase_constrained(op, y, phase[None])) < 0.65 * zero_filled
+    pocs = phase_constrained(op, y, estimate)
+    assert error(pocs) < 0.9 * zero_filled, (error(pocs), zero_filled)
+    torch.testing.assert_close(op.A(pocs), y, atol=1e-5, rtol=0)
+    assert error(phase_constrained(op, y, torch.zeros(1, size, size))) > error(pocs)
+
+
+@pytest.mark.parametrize("method", ["dc", "dps"])
+def test_a_phase_projection_keeps_samplers_on_the_data(method):
+    """With ``project`` the DC sampler projects every x̂0 before its data, DPS its last:
+    both still end on the measurements, and with an oracle prior that already lies in the
+    set the projection changes nothing."""
+    size = 32
+    truth = to_channels(
+        (
+            torch.from_numpy(_phantom(size))
+            * torch.polar(torch.ones(size, size), _smooth_phase(size))
+        )[None]
+    )
+    lines = torch.from_numpy(LineMaskFunc([0.15], [4], "equispaced")(size, seed=1))[None]
+    op = SingleCoilFourier(lines, size)
+    y = op.A(truth)
+    phase = _smooth_phase(size)[None]
+    ddim = build_ddim({"num_train_timesteps": 100, "schedule": "linear_beta"}, 10)
+    out = posterior_sample(
+        Oracle(truth),
+        ddim,
+        lambda b, step: Identity(b, size, size),
+        op,
+        y,
+        (1, 2, size, size),
+        torch.Generator().manual_seed(0),
+        method=method,
+        project=lambda image: phase_project(image, phase),
+    )
+    assert float((out - truth).norm() / truth.norm()) < 1e-3
+    torch.testing.assert_close(op.A(out), y, atol=1e-5, rtol=0)
+    wrong = torch.zeros(1, size, size)  # a flat phase: the oracle leaves the set each step
+    out = posterior_sample(
+        Oracle(truth),
+        ddim,
+        lambda b, step: Identity(b, size, size),
+        op,
+        y,
+        (1, 2, size, size),
+        torch.Generator().manual_seed(0),
+        method=method,
+        project=lambda image: phase_project(image, wrong),
+    )
+    torch.testing.assert_close(op.A(out), y, atol=1e-5, rtol=0)
+    single = one_step_reconstruction(
+        Oracle(truth), op, y, project=lambda image: phase_project(image, wrong)
+    )
+    torch.testing.assert_close(op.A(single), y, atol=1e-5, rtol=0)

@@ -12,6 +12,10 @@ from ambient_med.physics.operators import MaskedOperator, MultiCoilSense, data_c
 
 # Builds the inference operator Ã_inf for a batch: (batch size, step index) -> operator.
 OperatorFactory = Callable[[int, int], MaskedOperator]
+# A projection onto what is known of the image besides its measurements (e.g. a magnitude
+# under the scan's calibration phase, physics/recon.py: phase_project), ``(B, C, H, W)`` in
+# and out; applied to every x̂0 before the data are.
+ImageProjection = Callable[[torch.Tensor], torch.Tensor]
 
 # CG-SENSE damping of the projection that ends every reconstruction. The per-step projections
 # keep data_consistent's 1e-2; one final projection at 1e-2 leaves the weakly determined part of
@@ -22,10 +26,16 @@ FINAL_SENSE_DAMPING = 1e-4
 
 
 def end_on_data(
-    op: MaskedOperator, image: torch.Tensor, measurements: torch.Tensor
+    op: MaskedOperator,
+    image: torch.Tensor,
+    measurements: torch.Tensor,
+    project: ImageProjection | None = None,
 ) -> torch.Tensor:
-    """The last projection of a reconstruction onto its measurements (tighter for SENSE)."""
+    """The last projection of a reconstruction onto its measurements (tighter for SENSE),
+    after ``project`` when given."""
     damping = FINAL_SENSE_DAMPING if isinstance(op, MultiCoilSense) else None
+    if project is not None:
+        image = project(image)
     return data_consistent(op, image, measurements, damping=damping)
 
 
@@ -83,13 +93,15 @@ def posterior_sample(
     redraw_mask: bool = False,
     eta: float = 0.0,
     device: torch.device | str = "cpu",
+    project: ImageProjection | None = None,
 ) -> torch.Tensor:
     """Reconstructs images from measurements y = A x with the diffusion model as prior.
 
     ``method="dps"`` (Ambient DPS, docs/samplers.md): after each DDIM step,
     ``x_{t-1} -= ζ ∇_{x_t} ‖y − A x̂0‖² / ‖y − A x̂0‖``, the gradient taken through the
     network. ``method="dc"``: no gradient through the network; x̂0 is replaced by its
-    data-consistent version (measured entries from y) before each DDIM update.
+    data-consistent version (measured entries from y) before each DDIM update. ``project``
+    (DC: every x̂0, before its data; DPS: the last) adds what else is known of the image.
 
     Args:
         op: the acquisition operator A of each example (batched).
@@ -131,13 +143,15 @@ def posterior_sample(
             with torch.no_grad():
                 z = inference.A_adjoint(inference.A(x_t))
                 x0_hat = net(z, inference.mask_image(), t_batch).float()
+                if project is not None:
+                    x0_hat = project(x0_hat)
                 x0_hat = data_consistent(op, x0_hat, measurements)
                 x_t, _ = ddim.step(x0_hat, int(t), x_t, eta=eta, generator=generator)
             last = x0_hat
     # Every reconstruction ends on the data (a projection; CG for SENSE): without it DPS
     # scored below zero-filled.
     with torch.no_grad():
-        return end_on_data(op, last, measurements)
+        return end_on_data(op, last, measurements, project)
 
 
 @torch.no_grad()
@@ -147,14 +161,15 @@ def one_step_reconstruction(
     measurements: torch.Tensor,
     t_min: int = 0,
     mask_op: MaskedOperator | None = None,
+    project: ImageProjection | None = None,
 ) -> torch.Tensor:
     """x̂ = DC(h_θ([A^H y, mask], t_min)): the denoiser applied once to the zero-filled
     image, then projected onto the measurements.
 
     ``mask_op`` supplies the mask channel when A's own is not what the model was trained to
-    read (the identity for clean/naive models).
+    read (the identity for clean/naive models); ``project`` comes before the projection.
     """
     z = op.A_adjoint(measurements)
     mask_image = (mask_op or op).mask_image()
     t = torch.full((z.shape[0],), int(t_min), dtype=torch.long, device=z.device)
-    return end_on_data(op, net(z, mask_image, t).float(), measurements)
+    return end_on_data(op, net(z, mask_image, t).float(), measurements, project)

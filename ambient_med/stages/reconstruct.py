@@ -59,7 +59,13 @@ from ambient_med.physics.operators import (
     RealImage,
     SingleCoilFourier,
 )
-from ambient_med.physics.recon import choose_lambda, l1_wavelet
+from ambient_med.physics.recon import (
+    calibration_phase,
+    choose_lambda,
+    l1_wavelet,
+    phase_constrained,
+    phase_project,
+)
 from ambient_med.stages.common import (
     example_keys,
     load_model,
@@ -121,6 +127,16 @@ def network_operator_factory(
     return training_style, choice == "fresh"
 
 
+def phase_projection(rc: dict[str, Any], op: MaskedOperator, y: torch.Tensor):
+    """With ``reconstruct.phase_constraint``, the projection of each slice's images onto
+    magnitudes under its calibration phase (physics/recon.py) for k-space operators; else
+    ``None``."""
+    if not rc["phase_constraint"] or isinstance(op, PixelMask):
+        return None
+    phase = calibration_phase(op, y, rc["phase_window"])
+    return lambda image: phase_project(image, phase)
+
+
 def _diffusion(
     net, meta, rc, op, y, seed, sampler
 ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor]:
@@ -134,9 +150,10 @@ def _diffusion(
     # act on real images already.
     model_op = RealImage(op) if channels == 1 and not isinstance(op, PixelMask) else op
     batch = y.shape[0]
+    project = phase_projection(rc, op, y) if channels == 2 else None
     if sampler == "one_step":
         mask_op = model_op if meta["mode"] == "ambient" else Identity(batch, size, size)
-        image = one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op)
+        image = one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op, project)
         return magnitude(image), None, image
     ddim = build_ddim(meta["scheduler"], rc["steps"])
     make_operator, redraw = network_operator_factory(meta, rc, op, seed)
@@ -155,6 +172,7 @@ def _diffusion(
                 method=sampler,
                 zeta=rc["zeta"],
                 redraw_mask=redraw,
+                project=project,
             )
         )
     # The posterior mean is an average of data-consistent images, hence data-consistent.
@@ -178,10 +196,12 @@ def baselines(
     y: torch.Tensor,
     validation: tuple[MaskedOperator, torch.Tensor, np.ndarray],
     lambdas: list[float],
+    phase_window: float,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
-    """Zero-filled and L1-wavelet CS reconstructions of ``y``, λ chosen on ``validation``
-    (operator, measurements and magnitude references of training-subject slices, never the
-    hold-out).
+    """Zero-filled, L1-wavelet CS (λ chosen on ``validation``: operator, measurements and
+    magnitude references of training-subject slices, never the hold-out) and
+    phase-constrained POCS (its phase from the central ``phase_window`` of k-space)
+    reconstructions of ``y``.
 
     Returns:
         ({method: (N, H, W) magnitudes}, {method: seconds per slice}, chosen λ).
@@ -199,6 +219,9 @@ def baselines(
     start = time.perf_counter()
     results["cs_l1"] = np.stack([cs(i, lamda, op, y) for i in range(n)]).astype(np.float32)
     seconds["cs_l1"] = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    results["pocs"] = magnitude(phase_constrained(op, y, calibration_phase(op, y, phase_window)))
+    seconds["pocs"] = (time.perf_counter() - start) / n
     return results, seconds, lamda
 
 
@@ -235,7 +258,7 @@ def retrospective(
         return op, y, {}, {}, None
     val_op, val_y = undersample(acq, store, validation, keys, f"validation-{tag}")
     val = (val_op, val_y, store.images[validation])
-    results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]))
+    results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]), rc["phase_window"])
     return op, y, results, seconds, lamda
 
 
@@ -545,6 +568,8 @@ def reconstruct_new_files(
         results["cs_l1"] = np.stack(
             [np.abs(l1_wavelet(kspace[s], maps[s], lines[s], lamda)) for s in range(len(kspace))]
         ).astype(np.float32)
+        pocs = phase_constrained(op, y, calibration_phase(op, y, rc["phase_window"]))
+        results["pocs"] = magnitude(pocs)
         complex_images: dict[str, np.ndarray] = {}
         learned, _ = diffusion_methods(net, meta, rc, op, y, seed, images_out=complex_images)
         name = f"new{number:03d}"
@@ -569,6 +594,7 @@ def reconstruct_new_files(
         # Zero-filled A^H y is the floor: with estimated coil maps no image fits every coil's
         # lines exactly, so what a sampler must not do is land further from them.
         complex_images["zero_filled"] = zero_filled.numpy()
+        complex_images["pocs"] = pocs.numpy()
         report["residual"] = {m: data_residual(op, y, im) for m, im in complex_images.items()}
         if "held_back_error" in report:
             # The hold-out acquired like this scan: its coils, its R (rounded to a whole one).
@@ -692,7 +718,7 @@ def run(
             write_png_grid(files_dir / f"uncertainty_{tag}.png", tiles, columns=len(picks))
         middle = len(holdout) // 2
         columns = [("reference", reference[middle])]
-        columns += [(m, results[m][middle]) for m in ("zero_filled", "cs_l1")]
+        columns += [(m, results[m][middle]) for m in ("zero_filled", "cs_l1", "pocs")]
         columns += [(f"diffusion_{s}", results[f"diffusion_{s}"][middle]) for s in samplers]
         _panel(files_dir / f"panel_{tag}.png", columns, reference[middle])
     with atomic_path(metrics_out) as tmp:
