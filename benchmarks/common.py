@@ -93,6 +93,20 @@ def start(threads: int) -> float:
     return time.time()
 
 
+def open_cohort(args) -> tuple[float, dict, int, Any, list[str]]:
+    """What the scripts that score models on a cohort's slice store share, from their
+    ``--threads``, ``--config``, ``--overlay`` and ``--slices``: (start time, validated config,
+    the demo cohort's seed, the slice store, each row's example key)."""
+    from ambient_med.io.store import read_slices
+    from ambient_med.stages.common import example_keys
+
+    started = start(args.threads)
+    config = load_config(args.config, args.overlay)
+    store = read_slices(args.slices)
+    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    return started, config, config["cohorts"]["demo"]["seed"], store, keys
+
+
 def demo_slices(config: dict, work: Path, name: str = "slices.h5") -> Path:
     """The demo cohort's inputs and slice store under ``work``, made once and reused."""
     from ambient_med.config import stage_config

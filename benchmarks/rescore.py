@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_config, start, write_results  # noqa: E402
+from common import open_cohort, write_results  # noqa: E402
 from reconstruction import per_volume_rows, score_records, scored_slices  # noqa: E402
 
 from ambient_med.evaluation.metrics import bootstrap_ci  # noqa: E402
-from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model  # noqa: E402
+from ambient_med.stages.common import load_model  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
 
@@ -127,11 +126,7 @@ def main(argv: list[str] | None = None) -> Path:
         help="score this many training subjects (evenly spaced) instead of the hold-out",
     )
     args = parser.parse_args(argv)
-    started = start(args.threads)
-    config = load_config(args.config, args.overlay)
-    seed = config["cohorts"]["demo"]["seed"]
-    store = read_slices(args.slices)
-    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    started, config, seed, store, keys = open_cohort(args)
     holdout, volumes, validation, reference = scored_slices(store, args.slices_per_volume)
     if args.training_subjects:
         # The generalisation gap: the same scoring on subjects the models trained on.

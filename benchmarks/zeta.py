@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_config, start, write_results  # noqa: E402
+from common import open_cohort, write_results  # noqa: E402
 
 from ambient_med.evaluation.metrics import per_volume_metrics  # noqa: E402
-from ambient_med.io.store import read_slices  # noqa: E402
-from ambient_med.stages.common import example_keys, load_model, spread_rows  # noqa: E402
+from ambient_med.stages.common import load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import diffusion_methods, retrospective  # noqa: E402
 
 
@@ -47,11 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    started = start(args.threads)
-    config = load_config(args.config, args.overlay)
-    seed = config["cohorts"]["demo"]["seed"]
-    store = read_slices(args.slices)
-    keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
+    started, config, seed, store, keys = open_cohort(args)
     train_rows = store.index.rows("train")
     rows, validation = spread_rows(train_rows, 12), spread_rows(train_rows, 3)
     reference, volumes = store.images[rows], store.index.subject[rows]

@@ -306,34 +306,26 @@ def test_a_phase_projection_keeps_samplers_on_the_data(method):
     lines = torch.from_numpy(LineMaskFunc([0.15], [4], "equispaced")(size, seed=1))[None]
     op = SingleCoilFourier(lines, size)
     y = op.A(truth)
-    phase = _smooth_phase(size)[None]
     ddim = build_ddim({"num_train_timesteps": 100, "schedule": "linear_beta"}, 10)
-    out = posterior_sample(
-        Oracle(truth),
-        ddim,
-        lambda b, step: Identity(b, size, size),
-        op,
-        y,
-        (1, 2, size, size),
-        torch.Generator().manual_seed(0),
-        method=method,
-        project=lambda image: phase_project(image, phase),
-    )
+
+    def reconstruct_under(phase: torch.Tensor) -> torch.Tensor:
+        return posterior_sample(
+            Oracle(truth),
+            ddim,
+            lambda b, step: Identity(b, size, size),
+            op,
+            y,
+            (1, 2, size, size),
+            torch.Generator().manual_seed(0),
+            method=method,
+            project=lambda image: phase_project(image, phase),
+        )
+
+    out = reconstruct_under(_smooth_phase(size)[None])
     assert float((out - truth).norm() / truth.norm()) < 1e-3
     torch.testing.assert_close(op.A(out), y, atol=1e-5, rtol=0)
     wrong = torch.zeros(1, size, size)  # a flat phase: the oracle leaves the set each step
-    out = posterior_sample(
-        Oracle(truth),
-        ddim,
-        lambda b, step: Identity(b, size, size),
-        op,
-        y,
-        (1, 2, size, size),
-        torch.Generator().manual_seed(0),
-        method=method,
-        project=lambda image: phase_project(image, wrong),
-    )
-    torch.testing.assert_close(op.A(out), y, atol=1e-5, rtol=0)
+    torch.testing.assert_close(op.A(reconstruct_under(wrong)), y, atol=1e-5, rtol=0)
     single = one_step_reconstruction(
         Oracle(truth), op, y, project=lambda image: phase_project(image, wrong)
     )

@@ -23,6 +23,11 @@ ImageProjection = Callable[[torch.Tensor], torch.Tensor]
 # model's DPS scored 3.1 dB below DC at R = 2 (33.88 vs 37.00) with it, 4.8 dB above with 1e-4
 # (41.76), and 0.5 dB above at R = 4 (26.67 vs 26.21; 12 training-subject slices).
 FINAL_SENSE_DAMPING = 1e-4
+# Alternations between ``project`` and the data that end a reconstruction given a projection:
+# as many as the pocs baseline's. With one, DC gained 1.29 dB over zero-filled on the default
+# demo model's hold-out (1 coil, R = 4) (robust_prior_default_1coil_phase_w004.json, commit
+# d313214), below pocs alone (1.59); with 50, 1.64 (robust_prior_default_1coil_phase.json).
+PROJECTION_ROUNDS = 50
 
 
 def end_on_data(
@@ -31,10 +36,15 @@ def end_on_data(
     measurements: torch.Tensor,
     project: ImageProjection | None = None,
 ) -> torch.Tensor:
-    """The last projection of a reconstruction onto its measurements (tighter for SENSE),
-    after ``project`` when given."""
+    """The last projection of a reconstruction onto its measurements (tighter for SENSE).
+
+    With ``project`` (a projection onto another convex set the image lies in), alternating
+    projections onto both sets from ``image`` — POCS started at the prior's estimate, so the
+    constraints settle what they determine and the prior the rest."""
     damping = FINAL_SENSE_DAMPING if isinstance(op, MultiCoilSense) else None
     if project is not None:
+        for _ in range(PROJECTION_ROUNDS - 1):
+            image = data_consistent(op, project(image), measurements, damping=damping)
         image = project(image)
     return data_consistent(op, image, measurements, damping=damping)
 
