@@ -51,8 +51,8 @@ head it reconstructs; its hold-out row is then two of those slices:
         --coils 1 --center-fraction 0.08 --mask-type random --rotate-phase --mirror-rows
 
 ``--phase-constraint on|off`` and ``--phase-window`` set ``reconstruct.phase_constraint``
-and ``reconstruct.phase_window`` (the pocs column is there
-either way). Resumable: models are trained (and resumed) under ``--workdir``.
+and ``reconstruct.phase_window`` (the pocs column is there either way). Resumable: models
+are trained (and resumed) under ``--workdir``.
 """
 
 from __future__ import annotations
