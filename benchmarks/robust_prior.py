@@ -204,6 +204,15 @@ def reference_magnitudes(full: np.ndarray, size: int) -> np.ndarray:
     return np.sqrt((np.abs(coil_images) ** 2).sum(axis=1))
 
 
+def grid_magnitudes(planes: np.ndarray, size: int) -> np.ndarray:
+    """Magnitude planes ``(S, h, w)`` brought onto the model's ``size`` grid as a new scan's
+    k-space is (:func:`reference_magnitudes`: zero-padded), ``(S, size, size)``."""
+    kspace = np.fft.fftshift(
+        np.fft.fft2(np.fft.ifftshift(planes, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
+    )
+    return reference_magnitudes(kspace[:, None], size)
+
+
 def psnr_on_model_scale(truth: np.ndarray, zero_filled: np.ndarray, image: np.ndarray) -> float:
     """PSNR of ``image`` against ``truth`` brought to the reconstructions' intensity scale (the
     median ratio of zero-filled to truth over the head)."""
@@ -248,10 +257,7 @@ def crop_cohort(config: dict, folder: Path, size: int, subjects: int) -> Path:
         planes = np.moveaxis(volume, 2, 0)
         kept = np.flatnonzero(covered(planes, 0.3))
         crops = centre_crop(planes[kept], *T1_MATRIX)
-        kspace = np.fft.fftshift(
-            np.fft.fft2(np.fft.ifftshift(crops, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
-        )
-        on_grid = reference_magnitudes(kspace[:, None], size)
+        on_grid = grid_magnitudes(crops, size)
         on_grid /= intensity_scale(
             on_grid, ingest["intensity_percentile"], ingest["intensity_band"]
         )
@@ -285,11 +291,7 @@ def t1_cohort(config: dict, folder: Path, size: int) -> Path:
     planes = np.moveaxis(volume, 2, 0)
     kept = np.flatnonzero(covered(planes, 0.2))
     unscanned = np.setdiff1d(kept, kept[::3])
-    kspace = np.fft.fftshift(
-        np.fft.fft2(np.fft.ifftshift(planes[unscanned], axes=(-2, -1)), norm="ortho"),
-        axes=(-2, -1),
-    )
-    on_grid = reference_magnitudes(kspace[:, None], size)
+    on_grid = grid_magnitudes(planes[unscanned], size)
     ingest = config["ingest"]
     on_grid /= intensity_scale(on_grid, ingest["intensity_percentile"], ingest["intensity_band"])
     count = len(unscanned)

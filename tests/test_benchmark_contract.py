@@ -210,12 +210,7 @@ def test_robust_prior_t1_prior_holds_only_slices_the_scan_does_not(tmp_path, mon
     assert store.index.split == ["train"] * (count - 2) + ["holdout"] * 2
     assert len(set(store.index.subjects)) == count
     planes = robust_prior.real_slices()["t1_anatomical"]
-    scanned = robust_prior.reference_magnitudes(
-        np.fft.fftshift(
-            np.fft.fft2(np.fft.ifftshift(planes, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
-        )[:, None],
-        64,
-    )
+    scanned = robust_prior.grid_magnitudes(planes, 64)
     scanned /= scanned.max(axis=(1, 2), keepdims=True)
     own = store.images / store.images.max(axis=(1, 2), keepdims=True)
     gaps = np.abs(own[:, None] - scanned[None]).mean(axis=(2, 3))

@@ -8,7 +8,12 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from ambient_med.physics.operators import MaskedOperator, MultiCoilSense, data_consistent
+from ambient_med.physics.operators import (
+    MaskedOperator,
+    MultiCoilSense,
+    alternate_projections,
+    data_consistent,
+)
 
 # Builds the inference operator Ã_inf for a batch: (batch size, step index) -> operator.
 OperatorFactory = Callable[[int, int], MaskedOperator]
@@ -43,9 +48,9 @@ def end_on_data(
     constraints settle what they determine and the prior the rest."""
     damping = FINAL_SENSE_DAMPING if isinstance(op, MultiCoilSense) else None
     if project is not None:
-        for _ in range(PROJECTION_ROUNDS - 1):
-            image = data_consistent(op, project(image), measurements, damping=damping)
-        image = project(image)
+        return alternate_projections(
+            op, image, measurements, project, PROJECTION_ROUNDS, damping=damping
+        )
     return data_consistent(op, image, measurements, damping=damping)
 
 

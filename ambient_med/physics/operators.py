@@ -10,6 +10,8 @@ image for :class:`PixelMask`, centred k-space as (real, imaginary) channels for
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from monai.networks.blocks.fft_utils_t import fftn_centered_t, ifftn_centered_t
 
@@ -257,6 +259,22 @@ def data_consistent(
         p = r + (rs_new / rs.clamp(min=1e-30)).view(shape) * p
         rs = rs_new
     return image + delta
+
+
+def alternate_projections(
+    op: MaskedOperator,
+    image: torch.Tensor,
+    measurements: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    rounds: int,
+    damping: float | None = None,
+) -> torch.Tensor:
+    """Projections onto convex sets (POCS) from ``image``: ``rounds`` times the nearest image
+    in ``project``'s set, then the nearest that agrees with the measurements
+    (:func:`data_consistent`, ``damping`` as there). Ends on the measurements."""
+    for _ in range(rounds):
+        image = data_consistent(op, project(image), measurements, damping=damping)
+    return image
 
 
 class RealImage(MaskedOperator):

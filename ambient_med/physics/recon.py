@@ -10,7 +10,7 @@ from sigpy.mri.app import L1WaveletRecon
 
 from ambient_med.physics.operators import (
     MaskedOperator,
-    data_consistent,
+    alternate_projections,
     to_channels,
     to_complex,
 )
@@ -117,7 +117,10 @@ def phase_constrained(
     Returns:
         ``(B, 2, H, W)``, ending on the measurements.
     """
-    image = op.A_adjoint(measurements)
-    for _ in range(iterations):
-        image = data_consistent(op, phase_project(image, phase), measurements)
-    return image
+    return alternate_projections(
+        op,
+        op.A_adjoint(measurements),
+        measurements,
+        lambda image: phase_project(image, phase),
+        iterations,
+    )
