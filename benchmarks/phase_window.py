@@ -5,8 +5,10 @@ For each window, the pocs baseline (physics/recon.py: phase_constrained) reconst
 ``--slices-used`` training-subject slices of the cohort's slice store at each R — each slice
 under its subject's simulated phase, acquired as ``reconstruct`` acquires the hold-out — and,
 with ``--model``, the DC sampler does with ``reconstruct.phase_constraint`` on, beside the
-same sampler with it off. Rows: ``{R, window, zero_filled, pocs[, dc, dc_unconstrained]}``
-(PSNR in dB, mean over subjects).
+same sampler with it off; and both under ``reconstruct.phase_constraint: auto`` (window
+``auto``: each subject's calibration chosen on its own held-back lines; ``chosen`` counts
+slices per calibration). Rows: ``{R, window, zero_filled, pocs[, dc, dc_unconstrained][,
+chosen]}`` (PSNR in dB, mean over subjects).
 
     python benchmarks/phase_window.py --slices results/demo/ingest/slices.h5 \\
         --model results/demo/train/model.pt
@@ -32,6 +34,7 @@ from ambient_med.stages.common import load_model, spread_rows  # noqa: E402
 from ambient_med.stages.reconstruct import (  # noqa: E402
     diffusion_methods,
     magnitude,
+    phase_calibration,
     retrospective,
 )
 
@@ -82,6 +85,19 @@ def main(argv: list[str] | None = None) -> Path:
                 row |= {"dc": psnr(images["diffusion_dc"]), "dc_unconstrained": unconstrained}
             print(row, flush=True)
             results.append(row)
+        # reconstruct.phase_constraint: auto — one calibration per subject, chosen on its own
+        # held-back lines (stages/reconstruct.py: phase_calibration).
+        rc_auto = rc | {"phase_constraint": "auto"}
+        calibration = phase_calibration(rc_auto, op, y, seed, volumes)
+        row = {"R": accel, "window": "auto", "zero_filled": zero_filled}
+        row["pocs"] = psnr(magnitude(calibration.pocs(op, y)))
+        row["chosen"] = {c: calibration.choice.count(c) for c in sorted(set(calibration.choice))}
+        if net is not None:
+            rc_dc = rc_auto | {"samplers": ["dc"]}
+            images, _ = diffusion_methods(net, meta, rc_dc, op, y, seed, calibration=calibration)
+            row |= {"dc": psnr(images["diffusion_dc"]), "dc_unconstrained": unconstrained}
+        print(row, flush=True)
+        results.append(row)
     path = write_results(args.name, started, results, args.results or Path("benchmarks/results"))
     print(f"wrote {path}")
     return path

@@ -522,7 +522,8 @@ def main(argv: list[str] | None = None) -> Path:
         into.extend(new)
         logging.info("%s: PSNR %.2f", fields, np.mean([r["psnr"] for r in new]))
 
-    # Test problems of each setting and level: (A, y), built once with their baselines.
+    # Test problems of each setting and level: (A, y, phase calibration), built once with
+    # their baselines.
     problems: dict[tuple, tuple] = {}
 
     def problem(setting: str, level: float) -> tuple:
@@ -534,7 +535,7 @@ def main(argv: list[str] | None = None) -> Path:
         if setting == "pixel":
             op, y, keep_mask = pixel_problem(store, holdout, keys, level, seed)
             fields |= {"R": None, "p": level}
-            baseline, seconds = {}, {}
+            baseline, seconds, calibration = {}, {}, None
             if not args.skip_baselines:
                 start_time = time.perf_counter()
                 filled = interpolated(y[:, 0].numpy(), keep_mask)
@@ -543,7 +544,7 @@ def main(argv: list[str] | None = None) -> Path:
                 seconds["interpolated"] /= len(holdout)
         else:
             settings_rc = rc | {"coils": coils}
-            op, y, baseline, seconds, _ = retrospective(
+            op, y, baseline, seconds, _, calibration = retrospective(
                 settings_rc,
                 level,
                 store,
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> Path:
         for method, images in baseline.items():
             if record_key(fields | {"method": method, "seed": 0}) not in done:
                 keep(records, images, seconds[method], method=method, seed=0, **fields)
-        problems[key] = (op, y)
+        problems[key] = (op, y, calibration)
         return op, y
 
     if args.aggregate_only:
@@ -620,8 +621,10 @@ def main(argv: list[str] | None = None) -> Path:
                     net, meta = checkpoint_model(
                         out / "checkpoints" / "last.pt", cfg, channels, store.images.shape[-1]
                     )
-                    op, y = problem("kspace", 4)
-                    curve_record(net, meta, rc, op, y, seed, mode, train_seed, step, keep, curve)
+                    op, y, calibration = problem("kspace", 4)
+                    curve_record(
+                        net, meta, rc, op, y, calibration, seed, mode, train_seed, step, keep, curve
+                    )
                 if not (out / "model.pt").exists():
                     train.run(cfg, source, out / "model.pt", out / "loss.csv", out / "checkpoints")
                 net, meta = load_model(out / "model.pt")
@@ -629,12 +632,23 @@ def main(argv: list[str] | None = None) -> Path:
                 if setting == "kspace" and (mode, train_seed, config["train"]["steps"]) not in (
                     curve_done
                 ):
-                    op, y = problem("kspace", 4)
+                    op, y, calibration = problem("kspace", 4)
                     curve_record(
-                        net, meta, rc, op, y, seed, mode, train_seed, meta["steps"], keep, curve
+                        net,
+                        meta,
+                        rc,
+                        op,
+                        y,
+                        calibration,
+                        seed,
+                        mode,
+                        train_seed,
+                        meta["steps"],
+                        keep,
+                        curve,
                     )
                 for level in levels[setting]:
-                    op, y = problem(setting, level)
+                    op, y, calibration = problem(setting, level)
                     # Each sampler is scored and kept on its own (a stopped run keeps the rest).
                     # "dc:<inference_mask>": the DC sampler with another network operator while
                     # reconstructing, measured on ambient k-space models.
@@ -646,7 +660,7 @@ def main(argv: list[str] | None = None) -> Path:
                                 "inference_mask": sampler.split(":", 1)[1],
                             }
                         learned, learned_seconds = diffusion_methods(
-                            net, meta, sampler_rc, op, y, seed
+                            net, meta, sampler_rc, op, y, seed, calibration=calibration
                         )
                         (name,) = learned
                         row = diffusion_fields(setting, mode, level, sampler, train_seed)
@@ -656,9 +670,20 @@ def main(argv: list[str] | None = None) -> Path:
                     if (mode, train_seed, step) in curve_done or not snapshot.exists():
                         continue
                     net, meta = load_model(snapshot)
-                    op, y = problem("kspace", 4)
+                    op, y, calibration = problem("kspace", 4)
                     curve_record(
-                        on_device(net), meta, rc, op, y, seed, mode, train_seed, step, keep, curve
+                        on_device(net),
+                        meta,
+                        rc,
+                        op,
+                        y,
+                        calibration,
+                        seed,
+                        mode,
+                        train_seed,
+                        step,
+                        keep,
+                        curve,
                     )
                 path = save()
     print(f"wrote {path}")
@@ -687,11 +712,13 @@ def diffusion_fields(setting: str, mode: str, level: float, sampler: str, seed: 
     }
 
 
-def curve_record(net, meta, rc, op, y, seed, mode, train_seed, step, keep, curve) -> None:
+def curve_record(
+    net, meta, rc, op, y, calibration, seed, mode, train_seed, step, keep, curve
+) -> None:
     """DC and one-step PSNR at R = 4 from one training step's EMA weights and, for ambient
     models, the median held-back prediction ratio (1: no better than zero-filling)."""
     rc = rc | {"samplers": ["dc", "one_step"]}
-    learned, seconds = diffusion_methods(net, meta, rc, op, y, seed)
+    learned, seconds = diffusion_methods(net, meta, rc, op, y, seed, calibration=calibration)
     held = None
     if mode == "ambient":
         held = round(float(np.median(held_back_errors(net, meta, op, y, seed))), 4)

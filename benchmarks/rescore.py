@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     for accel in args.accelerations:
         todo_baselines = any((b, accel, "") not in done for b in ("zero_filled", "cs_l1", "pocs"))
-        op, y, baseline, seconds, _ = retrospective(
+        op, y, baseline, seconds, _, calibration = retrospective(
             rc, accel, store, holdout, validation, keys, seed, with_baselines=todo_baselines
         )
         for method, images in baseline.items():
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> Path:
             net, meta = load_model(path)  # float16 archives load into the float32 network
             for sampler in todo:
                 began = time.perf_counter()
-                images, _ = diffusion_methods(net, meta, rc | {"samplers": [sampler]}, op, y, seed)
+                images, _ = diffusion_methods(
+                    net, meta, rc | {"samplers": [sampler]}, op, y, seed, calibration=calibration
+                )
                 took = (time.perf_counter() - began) / len(holdout)
                 keep(images[f"diffusion_{sampler}"], took, model=name, R=accel, sampler=sampler)
     rows = summary(records, args.pair)

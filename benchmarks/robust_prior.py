@@ -50,7 +50,7 @@ head it reconstructs; its hold-out row is then two of those slices:
         --workdir benchmarks/work/robust_t1own --scans t1_anatomical demo_t1w_crop \
         --coils 1 --center-fraction 0.08 --mask-type random --rotate-phase --mirror-rows
 
-``--phase-constraint on|off`` and ``--phase-window`` set ``reconstruct.phase_constraint``
+``--phase-constraint on|off|auto`` and ``--phase-window`` set ``reconstruct.phase_constraint``
 and ``reconstruct.phase_window`` (the pocs column is there either way). Resumable: models
 are trained (and resumed) under ``--workdir``.
 """
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument(
         "--phase-constraint",
-        choices=("on", "off"),
+        choices=("on", "off", "auto"),
         help="reconstruct.phase_constraint (default: the config's)",
     )
     parser.add_argument(
@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> Path:
     }
     config["reconstruct"] |= {"accelerations": [4], "samplers": ["dc", "dps", "one_step"]}
     if args.phase_constraint:
-        config["reconstruct"]["phase_constraint"] = args.phase_constraint == "on"
+        setting = {"on": True, "off": False, "auto": "auto"}
+        config["reconstruct"]["phase_constraint"] = setting[args.phase_constraint]
     if args.phase_window:
         config["reconstruct"]["phase_window"] = args.phase_window
     config["cohorts"]["demo"] |= {"corruption": "kspace", "train_mode": args.train_mode}

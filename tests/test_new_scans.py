@@ -77,6 +77,7 @@ def test_new_scans_report_the_prior_gain_and_end_on_their_data(t1_model, tmp_pat
         assert len(scan["denoising_error"]) == scan["slices"]
         assert scan["prior_gain"] == pytest.approx(1 - np.median(errors), abs=1e-3)
         assert {"domain_shift_score", "domain_shift_threshold", "out_of_distribution"} <= set(scan)
+        assert scan["phase_calibration"] in ("off", *reconstruct.PHASE_CALIBRATIONS)
         flagged = scan["out_of_distribution"] or scan["prior_gain"] <= 0
         assert flagged == any(m.startswith(f"{scan['scan']}: ") for m in warnings)
         # Every diffusion reconstruction of every slice ends on its measurements: no further

@@ -32,6 +32,7 @@ from ambient_med.physics.operators import (
     to_channels,
 )
 from ambient_med.physics.recon import (
+    acs_hann_phase,
     calibration_phase,
     choose_lambda,
     l1_wavelet,
@@ -191,6 +192,8 @@ def test_reconstruct_stage_writes_nifti_dicom_png_and_metrics(demo_dir, tmp_path
         for name in ("psnr", "ssim", "ssim_fg", "nrmse", "psnr_std", "seconds_per_slice"):
             assert np.isfinite(metrics[f"{method}_R4_{name}"])
     assert metrics["holdout_slices"] == 4 and metrics["holdout_volumes"] == 2
+    # phase_constraint: auto — one calibration per hold-out volume, counted in slices.
+    assert sum(metrics["phase_calibration_R4"].values()) == 4
 
     niftis = sorted(files.glob("*_R4_diffusion_dc.nii.gz"))
     assert len(niftis) == 2  # one per hold-out volume
@@ -289,6 +292,58 @@ def test_pocs_fills_unmeasured_lines_of_a_magnitude_image_under_a_smooth_phase()
     assert error(pocs) < 0.9 * zero_filled, (error(pocs), zero_filled)
     torch.testing.assert_close(op.A(pocs), y, atol=1e-5, rtol=0)
     assert error(phase_constrained(op, y, torch.zeros(1, size, size))) > error(pocs)
+
+
+def test_the_hann_tapered_calibration_phase_does_not_ring():
+    """Under a constant phase, the auto-calibration lines under a Hann taper give that phase
+    over the whole object; a box over the same lines rings, and its phase strays."""
+    size = 32
+    magnitude = torch.from_numpy(_phantom(size))
+    truth = to_channels((magnitude * torch.polar(torch.ones(size, size), torch.tensor(0.7)))[None])
+    lines = torch.from_numpy(LineMaskFunc([0.25], [3], "equispaced")(size, seed=0))[None]
+    op = SingleCoilFourier(lines, size)
+    y = op.A(truth)
+    inside = magnitude > 0
+
+    def stray(phase: torch.Tensor) -> float:
+        return float(
+            torch.angle(torch.polar(torch.ones(size, size), phase[0] - 0.7))[inside].abs().max()
+        )
+
+    assert stray(acs_hann_phase(op, y)) < 0.01
+    assert stray(calibration_phase(op, y, 0.25)) > 0.1
+
+
+def test_auto_phase_calibration_is_chosen_per_scan_on_held_back_lines():
+    """``phase_constraint: auto``: a scan that is a magnitude under a smooth phase gets a
+    calibration (and pocs beats zero-filled on it); a scan whose phase is noise gets none
+    (its pocs is its zero-filled image); ``true`` holds every slice to the central window,
+    ``false`` to nothing."""
+    size = 64
+    magnitude = torch.from_numpy(_phantom(size))
+    generator = torch.Generator().manual_seed(0)
+    smooth = magnitude * torch.polar(torch.ones(size, size), _smooth_phase(size))
+    noise = torch.rand(size, size, generator=generator) * 2 * torch.pi
+    rough = magnitude * torch.polar(torch.ones(size, size), noise)
+    truth = to_channels(torch.stack([smooth, smooth, rough, rough]))
+    masks = [LineMaskFunc([0.125], [3], "random")(size, seed=s) for s in range(4)]
+    op = SingleCoilFourier(torch.from_numpy(np.stack(masks)), size)
+    y = op.A(truth)
+    rc = {"phase_constraint": "auto", "phase_window": 0.1}
+    calibration = reconstruct.phase_calibration(rc, op, y, seed=0, groups=np.array([7, 7, 3, 3]))
+    assert calibration.choice[0] == calibration.choice[1] != "off"
+    assert calibration.choice[2:] == ("off", "off")
+    pocs, zero_filled = calibration.pocs(op, y), op.A_adjoint(y)
+    torch.testing.assert_close(pocs[2:], zero_filled[2:])
+
+    def error(image: torch.Tensor) -> torch.Tensor:
+        return (image - truth)[:2].flatten(1).norm(dim=1) / truth[:2].flatten(1).norm(dim=1)
+
+    assert bool((error(pocs) < 0.8 * error(zero_filled)).all()), (error(pocs), error(zero_filled))
+    torch.testing.assert_close(op.A(pocs), y, atol=1e-5, rtol=0)
+    fixed = reconstruct.phase_calibration(rc | {"phase_constraint": True}, op, y, seed=0)
+    assert fixed.choice == ("centre",) * 4 and bool(fixed.constrained.all())
+    assert reconstruct.phase_calibration(rc | {"phase_constraint": False}, op, y, seed=0) is None
 
 
 @pytest.mark.parametrize("method", ["dc", "dps"])

@@ -8,6 +8,7 @@ import sigpy as sp
 import torch
 from sigpy.mri.app import L1WaveletRecon
 
+from ambient_med.physics.masks import acs_lines
 from ambient_med.physics.operators import (
     MaskedOperator,
     alternate_projections,
@@ -90,6 +91,32 @@ def calibration_phase(
     keep = torch.zeros(columns, device=measurements.device)
     keep[columns // 2 - half : columns // 2 + half + 1] = 1.0
     return torch.angle(to_complex(op.restrict(keep).A_adjoint(measurements)))
+
+
+def acs_hann_phase(op: MaskedOperator, measurements: torch.Tensor) -> torch.Tensor:
+    """The phase of each slice's auto-calibration lines (its contiguous fully sampled centre)
+    under a Hann taper, zero-filled: homodyne reconstruction's low-pass phase estimate (Noll et
+    al., 1991). A box over the central lines rings; where the ringing turns a magnitude
+    negative, its phase is off by π. The taper removes most of that ringing at the cost of a
+    wider blur — a trade that pays with many calibration lines and loses with three, which is
+    why reconstruct chooses between the two per scan (stages/reconstruct.py:
+    phase_calibration).
+
+    Args:
+        op: a k-space operator over complex images ``(B, 2, H, W)`` with a ``line_mask``
+            ``(B, W)``.
+        measurements: y, shaped like ``op.A(x)``.
+
+    Returns:
+        ``(B, H, W)`` phase in radians.
+    """
+    calibration = acs_lines(op.line_mask.bool()).float()
+    columns = calibration.shape[-1]
+    offset = (torch.arange(columns, device=calibration.device) - columns // 2).abs().float()
+    # Zero one column beyond the run's edge on either side: (lines + 1) / 2 from the centre.
+    reach = (calibration.sum(dim=-1, keepdim=True) + 1.0) / 2.0
+    taper = 0.5 + 0.5 * torch.cos(torch.pi * (offset / reach).clamp(max=1.0))
+    return torch.angle(to_complex(op.restrict(calibration * taper).A_adjoint(measurements)))
 
 
 def phase_project(image: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
