@@ -11,9 +11,9 @@ spin-echo ``MR_small``), demo heads no model saw (T1w / T2w / PD axial, T1w coro
 controls for the field of view (the unseen T1w head cropped as the real T1 is, the real T1
 zero-padded into a whole-head field of view), each given a smooth phase, 4 coils and R = 4
 (equispaced, 20 % centre) and written as fastMRI files. Rows: ``{model, scan, psnr: {method:
-dB}, domain_shift_score, domain_shift_threshold, out_of_distribution, prior_gain}`` with
-zero-filled and CS beside the diffusion samplers (PSNR against the fully sampled
-coil-combined image, on the model's intensity scale).
+dB}, domain_shift_score, domain_shift_threshold, out_of_distribution, prior_gain,
+phase_calibration}`` with zero-filled, CS and pocs beside the diffusion samplers (PSNR
+against the fully sampled coil-combined image, on the model's intensity scale).
 
     python benchmarks/robust_prior.py            # CPU: a few minutes per model
     python benchmarks/robust_prior.py --short    # seconds: the test suite's version
@@ -107,6 +107,7 @@ REPORTED = (
     "domain_shift_threshold",
     "held_back_shift_score",
     "out_of_distribution",
+    "phase_calibration",
 )
 
 
