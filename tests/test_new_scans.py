@@ -154,6 +154,20 @@ def test_the_guard_cross_checks_only_slices_with_two_lines_in_every_fold():
     assert checkable.tolist() == [False, False, True, True, False]
 
 
+def test_a_slice_too_thin_to_cross_check_gets_its_scans_pooled_fit():
+    agreement = torch.tensor([2.0, 1.0, -3.0])
+    energy = torch.tensor([4.0, 1.0, 5.0])
+    checkable = torch.tensor([True, False, False])
+    pooled = float(agreement.sum() / energy.sum())  # 0.0: the third slice cancels the rest
+    fit = reconstruct.fold_fit(agreement, energy, checkable, pooled=True)
+    torch.testing.assert_close(fit, torch.tensor([0.5, pooled, pooled]))
+    fit = reconstruct.fold_fit(agreement, energy, checkable, pooled=False)
+    torch.testing.assert_close(fit, torch.tensor([0.5, 0.0, 0.0]))
+    agreement[2] = 3.0
+    fit = reconstruct.fold_fit(agreement, energy, checkable, pooled=True)
+    torch.testing.assert_close(fit[1:], torch.full((2,), 0.6))
+
+
 def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model, tmp_path):
     folder = tmp_path / "real"
     folder.mkdir()

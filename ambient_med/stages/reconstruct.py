@@ -577,6 +577,18 @@ def cross_checkable(folds: torch.Tensor) -> torch.Tensor:
     return (folds.sum(dim=-1) >= GUARD_MIN_FOLD_LINES).all(dim=0)
 
 
+def fold_fit(
+    agreement: torch.Tensor, energy: torch.Tensor, checkable: torch.Tensor, pooled: bool
+) -> torch.Tensor:
+    """``(B,)`` least-squares scales of a sampler's contribution onto one fold's held-back
+    lines, from each slice's ``agreement`` ⟨added, target⟩ and ``energy`` ‖added‖² (both
+    ``(B,)``): its own where ``checkable``; elsewhere the scan's pooled scale (Σ agreement /
+    Σ energy) where ``pooled`` allows it, else 0."""
+    own = agreement / energy.clamp(min=1e-12)
+    scan = agreement.sum() / energy.sum().clamp(min=1e-12) if pooled else torch.zeros(())
+    return own.where(checkable, scan.expand_as(own))
+
+
 def sampler_trust(
     net,
     meta: dict[str, Any],
@@ -593,15 +605,19 @@ def sampler_trust(
     reconstructs from the other lines and its contribution beyond the zero-filled image of
     those is scaled onto the fold's lines (least squares). The trust is the smallest scale
     over the folds, clipped to [0, 1]: 0 where some fold is predicted no better than by
-    zero-filling, and 0 for a slice with too few such lines to give every fold
-    :data:`GUARD_MIN_FOLD_LINES` (:func:`cross_checkable`) — a line or two that happen to fit
-    say nothing of the many the prior fills in. ``calibration``: the scan's phase constraint,
-    kept in every fold (its calibration lines are never held back)."""
+    zero-filling. A slice with too few such lines to give every fold
+    :data:`GUARD_MIN_FOLD_LINES` (:func:`cross_checkable`) cannot be cross-checked alone — a
+    line or two that happen to fit say nothing of the many the prior fills in — and gets the
+    scan's pooled trust instead: the same least-squares scale over all the scan's slices
+    (``y`` is one scan), as long as each pooled fold holds that many lines; 0 otherwise.
+    ``calibration``: the scan's phase constraint, kept in every fold (its calibration lines
+    are never held back)."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "guard"))
     folds = guard_folds(op.line_mask, generator)
     checkable = cross_checkable(folds)
+    pooled_checkable = bool((folds.flatten(1).sum(1) >= GUARD_MIN_FOLD_LINES).all())
     trust: dict[str, torch.Tensor] = {}
-    if not bool(checkable.any()):  # nothing to cross-check: spare the reconstructions
+    if not (bool(checkable.any()) or pooled_checkable):  # spare the reconstructions
         return {f"diffusion_{s}": np.zeros(len(y), np.float32) for s in rc["samplers"]}
     for held_lines in folds:
         op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
@@ -615,10 +631,8 @@ def sampler_trust(
         )
         for method, image in images.items():
             added = (op.A(torch.from_numpy(image)) - base) * held
-            energy = added.square().flatten(1).sum(1)
-            fit = (added * target).flatten(1).sum(1) / energy.clamp(min=1e-12)
-            # A slice whose folds are too thin to cross-check supports nothing.
-            fit = fit.where(checkable, torch.zeros_like(fit))
+            agreement = (added * target).flatten(1).sum(1)
+            fit = fold_fit(agreement, added.square().flatten(1).sum(1), checkable, pooled_checkable)
             trust[method] = torch.minimum(trust.get(method, fit), fit)
     return {method: fit.clamp(0.0, 1.0).numpy() for method, fit in trust.items()}
 
