@@ -108,6 +108,7 @@ REPORTED = (
     "held_back_shift_score",
     "out_of_distribution",
     "phase_calibration",
+    "sense_damping",
 )
 
 

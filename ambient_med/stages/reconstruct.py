@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,11 @@ import numpy as np
 import torch
 
 from ambient_med.diffusion.model import build_ddim, sigma_of
-from ambient_med.diffusion.samplers import one_step_reconstruction, posterior_sample
+from ambient_med.diffusion.samplers import (
+    FINAL_SENSE_DAMPING,
+    one_step_reconstruction,
+    posterior_sample,
+)
 from ambient_med.diffusion.training import inference_operator
 from ambient_med.errors import AmbientMedError
 from ambient_med.evaluation.figures import recon_panel
@@ -138,23 +142,31 @@ PHASE_CALIBRATIONS = {
 }
 # Alternations of the pocs baseline (as many as the samplers' final ones).
 POCS_ROUNDS = 50
+# SENSE dampings the alternations may use (PhaseCalibration.damping): data_consistent's, and
+# the samplers' single final fit's. Neither suits every acquisition (end_on_data).
+SENSE_DAMPINGS = (1e-2, FINAL_SENSE_DAMPING)
 
 
 @dataclass(frozen=True)
 class PhaseCalibration:
     """The phase constraint of a batch of slices: each slice's calibration phase ``phase``
     ``(N, H, W)``, whether its reconstructions are held to it (``constrained``, ``(N,)``
-    bool) and the calibration that gave it (``choice``, per slice: a key of
-    :data:`PHASE_CALIBRATIONS` or ``off``)."""
+    bool), the calibration that gave it (``choice``, per slice: a key of
+    :data:`PHASE_CALIBRATIONS` or ``off``) and the SENSE damping of the alternations that
+    hold an image to it (``damping``; ``None``: data_consistent's)."""
 
     phase: torch.Tensor
     constrained: torch.Tensor
     choice: tuple[str, ...]
+    damping: float | None = None
 
     def subset(self, index: np.ndarray) -> PhaseCalibration:
         rows = torch.from_numpy(np.asarray(index))
         return PhaseCalibration(
-            self.phase[rows], self.constrained[rows], tuple(self.choice[i] for i in index)
+            self.phase[rows],
+            self.constrained[rows],
+            tuple(self.choice[i] for i in index),
+            self.damping,
         )
 
     def project(self, image: torch.Tensor) -> torch.Tensor:
@@ -174,7 +186,9 @@ class PhaseCalibration:
         zero_filled = op.A_adjoint(y)
         if not bool(self.constrained.any()):
             return zero_filled
-        image = alternate_projections(op, zero_filled, y, self.project, POCS_ROUNDS)
+        image = alternate_projections(
+            op, zero_filled, y, self.project, POCS_ROUNDS, damping=self.damping
+        )
         return torch.where(self.constrained.view(-1, 1, 1, 1), image, zero_filled)
 
 
@@ -235,7 +249,7 @@ def phase_calibration(
     if setting is False or isinstance(op, PixelMask):
         return None
     if setting is True:
-        return fixed_calibration(op, y, rc)
+        return with_sense_damping(fixed_calibration(op, y, rc), op, y, seed)
     groups = np.zeros(len(y), np.int64) if groups is None else np.asarray(groups)
     errors = calibration_errors(op, y, rc, seed)
     choice = ["off"] * len(y)
@@ -258,7 +272,34 @@ def phase_calibration(
         if bool(chosen.any()):
             phase = torch.where(chosen.view(-1, 1, 1), PHASE_CALIBRATIONS[name](op, y, rc), phase)
     constrained = torch.tensor([c != "off" for c in choice])
-    return PhaseCalibration(phase, constrained, tuple(choice))
+    return with_sense_damping(PhaseCalibration(phase, constrained, tuple(choice)), op, y, seed)
+
+
+def with_sense_damping(
+    calibration: PhaseCalibration, op: MaskedOperator, y: torch.Tensor, seed: int
+) -> PhaseCalibration:
+    """``calibration`` with the damping of :data:`SENSE_DAMPINGS` under which its pocs
+    baseline best predicts the batch's held-back lines (the guard's folds, pooled over the
+    constrained slices). Only SENSE has a damping to choose: how far fifty fits may go depends
+    on how well the coil maps explain the data (exact in simulation, estimated on new scans;
+    docs/samplers.md)."""
+    if not isinstance(op, MultiCoilSense) or not bool(calibration.constrained.any()):
+        return calibration
+    generator = torch.Generator().manual_seed(derive_seed(seed, "phase-calibration"))
+    folds = guard_folds(op.line_mask, generator)
+    rows = calibration.constrained
+    errors = []
+    for damping in SENSE_DAMPINGS:
+        candidate = replace(calibration, damping=damping)
+        residual = 0.0
+        for held_lines in folds:
+            op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
+            y_rest = y * op_rest.observed(y)
+            held = op.observed(y) * (1.0 - op_rest.observed(y))
+            miss = (op.A(candidate.pocs(op_rest, y_rest)) - y).square() * held
+            residual += float(miss[rows].sum())
+        errors.append(residual)
+    return replace(calibration, damping=SENSE_DAMPINGS[int(np.argmin(errors))])
 
 
 def _diffusion(
@@ -276,9 +317,12 @@ def _diffusion(
     model_op = RealImage(op) if channels == 1 and not isinstance(op, PixelMask) else op
     batch = y.shape[0]
     project = calibration.projection() if calibration is not None and channels == 2 else None
+    end_damping = calibration.damping if calibration is not None else None
     if sampler == "one_step":
         mask_op = model_op if meta["mode"] == "ambient" else Identity(batch, size, size)
-        image = one_step_reconstruction(net, model_op, y, rc["t_min"], mask_op, project)
+        image = one_step_reconstruction(
+            net, model_op, y, rc["t_min"], mask_op, project, end_damping
+        )
         return magnitude(image), None, image
     ddim = build_ddim(meta["scheduler"], rc["steps"])
     make_operator, redraw = network_operator_factory(meta, rc, op, seed)
@@ -298,6 +342,7 @@ def _diffusion(
                 zeta=rc["zeta"],
                 redraw_mask=redraw,
                 project=project,
+                end_damping=end_damping,
             )
         )
     # The posterior mean is an average of data-consistent images, hence data-consistent.
@@ -745,6 +790,8 @@ def reconstruct_new_files(
         report: dict[str, Any] = {"scan": name, "slices": int(len(kspace))}
         if calibration is not None:
             report["phase_calibration"] = calibration.choice[0]
+            if calibration.damping is not None:
+                report["sense_damping"] = calibration.damping
         if rc["guard"]:
             # Keep of each slice's contribution beyond its zero-filled image only the share its
             # held-back lines support: none where the sampler predicts them no better, so a
@@ -862,6 +909,8 @@ def run(
             metrics[f"phase_calibration_{tag}"] = {
                 name: calibration.choice.count(name) for name in sorted(set(calibration.choice))
             }
+            if calibration.damping is not None:
+                metrics[f"sense_damping_{tag}"] = calibration.damping
         spread: dict[str, np.ndarray] = {}
         learned, learned_seconds = diffusion_methods(
             net, meta, rc, op, y, seed, spread, calibration=calibration
