@@ -191,10 +191,10 @@ def one_step_reconstruction(
     end_damping: float | None = None,
 ) -> torch.Tensor:
     """x̂ = DC(h_θ([A^H y, mask], t_min)): the denoiser applied once to the zero-filled
-        image, then projected onto the measurements.
+    image, then projected onto the measurements.
 
-        ``mask_op`` supplies the mask channel when A's own is not what the model was trained to
-        read (the identity for clean/naive models); ``project`` comes before the projection
+    ``mask_op`` supplies the mask channel when A's own is not what the model was trained to
+    read (the identity for clean/naive models); ``project`` comes before the projection
     (:func:`end_on_data`, with ``end_damping``).
     """
     z = op.A_adjoint(measurements)
