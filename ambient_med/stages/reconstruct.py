@@ -215,9 +215,7 @@ def calibration_errors(
     residual = {name: torch.zeros(len(y)) for name in names}
     energy = torch.zeros(len(y))
     for held_lines in folds:
-        op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
-        y_rest = y * op_rest.observed(y)
-        held = op.observed(y) * (1.0 - op_rest.observed(y))
+        op_rest, y_rest, held = held_back_split(op, y, held_lines)
         energy += (y.square() * held).flatten(1).sum(1)
         for name in names:
             if name == "off":
@@ -288,14 +286,12 @@ def with_sense_damping(
     generator = torch.Generator().manual_seed(derive_seed(seed, "phase-calibration"))
     folds = guard_folds(op.line_mask, generator)
     rows = calibration.constrained
+    splits = [held_back_split(op, y, held_lines) for held_lines in folds]
     errors = []
     for damping in SENSE_DAMPINGS:
         candidate = replace(calibration, damping=damping)
         residual = 0.0
-        for held_lines in folds:
-            op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
-            y_rest = y * op_rest.observed(y)
-            held = op.observed(y) * (1.0 - op_rest.observed(y))
+        for op_rest, y_rest, held in splits:
             miss = (op.A(candidate.pocs(op_rest, y_rest)) - y).square() * held
             residual += float(miss[rows].sum())
         errors.append(residual)
@@ -506,6 +502,15 @@ def _reduced(op: MaskedOperator, line_mask: torch.Tensor) -> MaskedOperator:
     return SingleCoilFourier(line_mask, op.height)
 
 
+def held_back_split(
+    op: MaskedOperator, y: torch.Tensor, held_lines: torch.Tensor
+) -> tuple[MaskedOperator, torch.Tensor, torch.Tensor]:
+    """One fold of :func:`guard_folds`: the operator and measurements of the acquired lines
+    it keeps, and the mask (shaped like ``y``) of the acquired entries it holds back."""
+    op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
+    return op_rest, y * op_rest.observed(y), op.observed(y) * (1.0 - op_rest.observed(y))
+
+
 def _prediction(net, op_tilde: MaskedOperator, y: torch.Tensor, t: int, abar: float, noise):
     """x̂0 of the network shown ``y`` through Ã (``op_tilde``) at timestep ``t`` (ᾱ_t =
     ``abar``), as in training: z = Ã^H(sqrt(ᾱ_t) y + sqrt(1 − ᾱ_t) Ã ε)."""
@@ -660,14 +665,13 @@ def sampler_trust(
     generator = torch.Generator().manual_seed(derive_seed(seed, "guard"))
     folds = guard_folds(op.line_mask, generator)
     checkable = cross_checkable(folds)
-    pooled_checkable = bool((folds.flatten(1).sum(1) >= GUARD_MIN_FOLD_LINES).all())
+    # The whole scan as one slice: can its folds be cross-checked?
+    pooled_checkable = bool(cross_checkable(folds.flatten(1)[:, None]))
     trust: dict[str, torch.Tensor] = {}
     if not (bool(checkable.any()) or pooled_checkable):  # spare the reconstructions
         return {f"diffusion_{s}": np.zeros(len(y), np.float32) for s in rc["samplers"]}
     for held_lines in folds:
-        op_rest = _reduced(op, op.line_mask.bool() & ~held_lines)
-        y_rest = y * op_rest.observed(y)
-        held = op.observed(y) * (1.0 - op_rest.observed(y))
+        op_rest, y_rest, held = held_back_split(op, y, held_lines)
         base = op.A(op_rest.A_adjoint(y_rest))
         target = (y - base) * held
         images: dict[str, np.ndarray] = {}
