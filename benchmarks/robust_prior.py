@@ -176,6 +176,26 @@ def field_of_view_controls(real_t1: np.ndarray, voxel_mm: float = 2.0) -> dict[s
     return {"demo_t1w_crop": crop, "t1_anatomical_padded": padded}
 
 
+# Scans whose voxel size (mm) says how much of a head they show; their simulated phase and coil
+# maps span a head-sized field (HEAD_FIELD_MM) or their own, whichever is larger. The others
+# show a whole head on their grid: the demo heads, drawn onto it, and the spin echo, whose
+# DICOM pixel spacing (0.31 mm, a 20 mm field) does not describe its whole-head image.
+SCAN_VOXEL_MM = {"t1_anatomical": 2.0, "demo_t1w_crop": 2.0, "epi_b0": 2.0}
+HEAD_FIELD_MM = 220.0
+
+
+def head_field(name: str, shape: tuple[int, int], scan_field: str) -> tuple[int, int] | None:
+    """The field ``(FH, FW)`` (pixels) the simulated phase and coil maps of scan ``name`` of
+    in-plane ``shape`` span: with ``scan_field="head"`` a head-sized field where the scan
+    shows less (nibabel's T1, a 66 x 82 mm crop, sees the smooth phase of a head vary over
+    its 66 mm as a head's does there); ``None`` (the scan's own field, as a whole-head scan
+    has) otherwise — with ``"fov"``, how these scans were simulated before."""
+    if scan_field != "head" or name not in SCAN_VOXEL_MM:
+        return None
+    side = round(HEAD_FIELD_MM / SCAN_VOXEL_MM[name])
+    return max(shape[0], side), max(shape[1], side)
+
+
 def write_scan(
     folder: Path,
     name: str,
@@ -184,12 +204,15 @@ def write_scan(
     coils: int = 4,
     center_fraction: float = 0.2,
     mask_type: str = "equispaced",
+    field: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Magnitude slices → ``coils``-coil k-space with a smooth phase, R = 4 (by default
-    equispaced with a 20 % centre: ESPIRiT needs 6 calibration lines of the T1's 41
-    phase-encode columns), written as a fastMRI file; returns the fully sampled k-space
-    (which the file never holds)."""
-    kspace = simulate_multicoil_kspace(slices.astype(np.float32), coils=coils, seed=seed)
+    """Magnitude slices → ``coils``-coil k-space with a smooth phase (over the head ``field``,
+    :func:`head_field`), R = 4 (by default equispaced with a 20 % centre: ESPIRiT needs 6
+    calibration lines of the T1's 41 phase-encode columns), written as a fastMRI file;
+    returns the fully sampled k-space (which the file never holds)."""
+    kspace = simulate_multicoil_kspace(
+        slices.astype(np.float32), coils=coils, seed=seed, head_field=field
+    )
     line_mask = LineMaskFunc([center_fraction], [4], mask_type)(kspace.shape[-1], seed)
     write_fastmri(folder / f"{name}.h5", kspace, line_mask)
     return kspace
@@ -360,6 +383,13 @@ def main(argv: list[str] | None = None) -> Path:
     acquired.add_argument("--coils", type=int, default=4)
     acquired.add_argument("--center-fraction", type=float, default=0.2)
     acquired.add_argument("--mask-type", choices=("equispaced", "random"), default="equispaced")
+    acquired.add_argument(
+        "--scan-field",
+        choices=("head", "fov"),
+        default="head",
+        help="what the simulated phase and coil maps span: a head-sized field (head), or each "
+        "scan's own field of view (fov: a crop's vary over it as a head's over the head)",
+    )
     args = parser.parse_args(argv)
     if sum(map(bool, (args.model, args.crop_prior, args.t1_prior))) > 1:
         parser.error("--model, --crop-prior and --t1-prior each name the one prior to score")
@@ -412,6 +442,7 @@ def main(argv: list[str] | None = None) -> Path:
             coils=args.coils,
             center_fraction=args.center_fraction,
             mask_type=args.mask_type,
+            field=head_field(name, new[name].shape[1:], args.scan_field),
         )
 
     # (name, model file, its cohort's slice store, where its outputs go)

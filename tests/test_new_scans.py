@@ -173,7 +173,10 @@ def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model,
     folder.mkdir()
     truths = {}
     for number, (name, slices) in enumerate(sorted(robust_prior.real_slices().items())):
-        full = robust_prior.write_scan(folder, f"{number}_{name}", slices, seed=10 + number)
+        field = robust_prior.head_field(name, slices.shape[1:], "head")
+        full = robust_prior.write_scan(
+            folder, f"{number}_{name}", slices, seed=10 + number, field=field
+        )
         # The reference the model's grid can show: the fully sampled k-space fitted the way
         # the file's is, root-sum-of-squares over coils.
         truths[name] = robust_prior.reference_magnitudes(full, 32)

@@ -83,6 +83,29 @@ def test_espirit_uses_acs_lines_only(truth):
     assert np.corrcoef(combined.ravel(), truth[5].ravel())[0, 1] > 0.98
 
 
+def test_a_crop_gets_the_phase_and_coil_maps_of_its_part_of_the_head(truth):
+    """A 20 x 30 crop simulated inside its 48 x 48 head field holds the coil images the whole
+    slice has there; simulated on its own, its phase and maps would span it alone."""
+
+    def coil_images(kspace):
+        axes = (-2, -1)
+        return np.fft.fftshift(
+            np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), norm="ortho"), axes=axes
+        )
+
+    whole = coil_images(simulate_multicoil_kspace(truth[:2], coils=3, seed=4))
+    crop = truth[:2, 14:34, 9:39]
+    inside = coil_images(simulate_multicoil_kspace(crop, coils=3, seed=4, head_field=(48, 48)))
+    np.testing.assert_allclose(inside, whole[..., 14:34, 9:39], atol=1e-5)
+    alone = coil_images(simulate_multicoil_kspace(crop, coils=3, seed=4))
+    np.testing.assert_allclose(np.sqrt((np.abs(alone) ** 2).sum(1)), crop, atol=1e-4)
+    assert np.abs(alone - inside).max() > 0.1 * crop.max()
+    same = simulate_multicoil_kspace(truth[:2], coils=3, seed=4, head_field=(SIZE, SIZE))
+    np.testing.assert_array_equal(same, simulate_multicoil_kspace(truth[:2], coils=3, seed=4))
+    with pytest.raises(ValueError, match="smaller than the slices"):
+        simulate_multicoil_kspace(truth[:2], coils=3, seed=4, head_field=(40, 48))
+
+
 def test_ismrmrd_reads_back_as_written(truth, tmp_path):
     import ismrmrd
 

@@ -528,12 +528,19 @@ def file_phased(images: np.ndarray, seed: int) -> np.ndarray:
     return complex_slices(images, [f"file-{seed}"] * len(images), np.arange(len(images)), seed)
 
 
-def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.ndarray:
+def simulate_multicoil_kspace(
+    images: np.ndarray, coils: int, seed: int, head_field: tuple[int, int] | None = None
+) -> np.ndarray:
     """Fully sampled multi-coil k-space of magnitude slices, as a scanner file would hold.
 
     The slices are one subject (named by ``seed``) of consecutive positions: each gets the
     shared simulator's smooth phase, then birdcage coil maps (sigpy, ``Σ_c |S_c|² = 1``)
     and the centred orthonormal 2-D FFT. Phase encoding runs along the last axis.
+
+    Phase and coil maps vary over the head-sized field a scanner's do, not over whatever
+    the slices show: ``head_field`` ``(FH, FW)`` pixels (at the slices' spacing) is that field,
+    and slices smaller than it (a crop of a head) get its central ``H x W`` part. Default:
+    the slices' own ``(H, W)``, right for slices that show a whole head.
 
     Args:
         images: ``(N, H, W)`` real slices.
@@ -545,7 +552,17 @@ def simulate_multicoil_kspace(images: np.ndarray, coils: int, seed: int) -> np.n
     from ambient_med.physics.coils import birdcage
 
     height, width = images.shape[-2:]
-    return multicoil_kspace(file_phased(images, seed), birdcage(coils, height, width))
+    field_height, field_width = head_field or (height, width)
+    if field_height < height or field_width < width:
+        raise ValueError(f"head_field {head_field} is smaller than the slices ({height} x {width})")
+    top, left = (field_height - height) // 2, (field_width - width) // 2
+    inside = (slice(top, top + height), slice(left, left + width))
+    embedded = np.zeros((len(images), field_height, field_width), np.float32)
+    embedded[:, inside[0], inside[1]] = images
+    # Phased over the whole field, then cropped: the crop's phase is the head's there.
+    phased = file_phased(embedded, seed)[:, inside[0], inside[1]]
+    maps = birdcage(coils, field_height, field_width)[:, inside[0], inside[1]]
+    return multicoil_kspace(phased, maps)
 
 
 def write_fastmri(
