@@ -347,6 +347,28 @@ def test_auto_phase_calibration_is_chosen_per_scan_on_held_back_lines():
     assert reconstruct.phase_calibration(rc | {"phase_constraint": False}, op, y, seed=0) is None
 
 
+def test_a_calibration_must_beat_zero_filling_by_a_margin_in_every_fold():
+    """Held-back squared errors per fold (energy 10 each): a phase 1.5 % better than
+    zero-filling is chance and not imposed; one 10 % better in both folds is; one best over
+    the scan but no better than zero-filling in one fold loses to one better in both; a fold
+    with no held-back line says nothing."""
+    energy = np.array([10.0, 10.0])
+    off = np.array([10.0, 10.0])
+
+    def choose(centre, acs_hann, folds_energy=energy):
+        residual = {"off": off, "centre": np.array(centre), "acs_hann": np.array(acs_hann)}
+        return reconstruct.chosen_calibration(residual, folds_energy)
+
+    margin = 1.0 - reconstruct.CALIBRATION_MARGIN
+    assert margin == pytest.approx(0.95)
+    assert choose([9.85, 9.85], [10.2, 10.1]) == "off"
+    assert choose([9.0, 9.0], [9.3, 9.2]) == "centre"
+    assert choose([9.2, 9.3], [9.0, 9.0]) == "acs_hann"
+    assert choose([6.0, 9.8], [9.0, 9.0]) == "acs_hann"
+    assert choose([6.0, 9.8], [9.0, 9.8]) == "off"
+    assert choose([9.0, 9.0], [9.3, 9.2], np.array([10.0, 0.0])) == "off"
+
+
 def _sense_scan(size: int, coil_shift: int = 0):
     """A magnitude phantom under a smooth phase, 3 slices, 4 birdcage coils, R = 4 random
     with a 20 % centre: the SENSE operator and measurements taken through its coil maps

@@ -140,6 +140,12 @@ PHASE_CALIBRATIONS = {
     "centre": lambda op, y, rc: calibration_phase(op, y, rc["phase_window"]),
     "acs_hann": lambda op, y, rc: acs_hann_phase(op, y),
 }
+# How much better than zero-filling a calibration must predict a scan's held-back lines, in
+# every fold, to be imposed (phase_calibration). An unseen demo head cropped to nibabel's T1
+# field, its phase simulated over the crop as if it were a whole head, predicted them 0.9-1.6 %
+# better under the central window's phase and lost 0.58 dB to zero-filled under it; the
+# calibrations that helped on new scans were 7-46 % better (benchmarks/robust_prior.py).
+CALIBRATION_MARGIN = 0.05
 # Alternations of the pocs baseline (as many as the samplers' final ones).
 POCS_ROUNDS = 50
 # SENSE dampings the alternations may use (PhaseCalibration.damping): data_consistent's, and
@@ -207,23 +213,41 @@ def calibration_errors(
     lines it is not given, validated as the guard validates (:func:`guard_folds`: the lines
     outside the calibration region in two folds, each reconstructed from the rest, the
     calibration phase too). Per calibration and ``off`` (the zero-filled image of the
-    rest): ``(residual, energy)``, each ``(N,)``, summed over the folds — the held-back
+    rest): ``(residual, energy)``, each ``(GUARD_FOLDS, N)`` — per fold, the held-back
     lines' squared error and their squared measurements."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "phase-calibration"))
     folds = guard_folds(op.line_mask, generator)
     names = ("off", *PHASE_CALIBRATIONS)
-    residual = {name: torch.zeros(len(y)) for name in names}
-    energy = torch.zeros(len(y))
-    for held_lines in folds:
+    residual = {name: torch.zeros(len(folds), len(y)) for name in names}
+    energy = torch.zeros(len(folds), len(y))
+    for fold, held_lines in enumerate(folds):
         op_rest, y_rest, held = held_back_split(op, y, held_lines)
-        energy += (y.square() * held).flatten(1).sum(1)
+        energy[fold] = (y.square() * held).flatten(1).sum(1)
         for name in names:
             if name == "off":
                 image = op_rest.A_adjoint(y_rest)
             else:
                 image = fixed_calibration(op_rest, y_rest, rc, name).pocs(op_rest, y_rest)
-            residual[name] += ((op.A(image) - y).square() * held).flatten(1).sum(1)
+            residual[name][fold] = ((op.A(image) - y).square() * held).flatten(1).sum(1)
     return {name: (residual[name].numpy(), energy.numpy()) for name in names}
+
+
+def chosen_calibration(residual: dict[str, np.ndarray], energy: np.ndarray) -> str:
+    """The calibration a scan is held to, from its :func:`calibration_errors` pooled over its
+    slices: ``residual`` per calibration and ``off``, and the held-back lines' ``energy``, each
+    ``(GUARD_FOLDS,)``. A phase is imposed only where it predicts the held-back lines
+    materially better than zero-filling in every fold — a gain within
+    :data:`CALIBRATION_MARGIN` may be chance, and where a fold holds no line nothing says a
+    phase fits — and among those the best over the whole scan (the folds pooled); ``off``
+    when none is."""
+    if not (energy > 0).all():
+        return "off"
+    eligible = {
+        name: float(residual[name].sum())
+        for name in PHASE_CALIBRATIONS
+        if (residual[name] <= (1.0 - CALIBRATION_MARGIN) * residual["off"]).all()
+    }
+    return min(eligible, key=eligible.get) if eligible else "off"
 
 
 def phase_calibration(
@@ -236,9 +260,9 @@ def phase_calibration(
     """The phase constraint ``reconstruct.phase_constraint`` asks for: ``None`` when off (and
     for pixel masks), every slice under the central window's phase when ``true``, and with
     ``auto`` one choice per scan (``groups``, ``(N,)``: the slices' scan or volume; default
-    all one scan) among the calibrations of :data:`PHASE_CALIBRATIONS` and none — whichever
-    predicts the scan's held-back lines best (:func:`calibration_errors`, pooled over its
-    slices). No calibration suits every scan (docs/samplers.md, 1 coil): on the real EPI the
+    all one scan) among the calibrations of :data:`PHASE_CALIBRATIONS` and none, by how well
+    each predicts the scan's held-back lines (:func:`calibration_errors` pooled over its
+    slices, :func:`chosen_calibration`). No calibration suits every scan (docs/samplers.md, 1 coil): on the real EPI the
     taper's phase lets pocs gain 0.7 dB more than the window's; on the spin echo the window's
     costs 3 dB and none is chosen; on the 41-column T1, whose three central lines the taper
     blurs over the whole field, the window is. Where no phase fits, the scan is
@@ -253,16 +277,12 @@ def phase_calibration(
     choice = ["off"] * len(y)
     for group in np.unique(groups):
         members = groups == group
-        pooled = {
-            name: residual[members].sum() / max(float(energy[members].sum()), 1e-30)
-            for name, (residual, energy) in errors.items()
-        }
-        # No held-back line (every acquired line a calibration line): nothing says a phase
-        # fits, so none is imposed.
-        if float(errors["off"][1][members].sum()) > 0:
-            best = min(pooled, key=pooled.get)
-            for i in np.flatnonzero(members):
-                choice[i] = best
+        best = chosen_calibration(
+            {name: residual[:, members].sum(1) for name, (residual, _) in errors.items()},
+            errors["off"][1][:, members].sum(1),
+        )
+        for i in np.flatnonzero(members):
+            choice[i] = best
     batch, _, height, width = op.A_adjoint(y).shape
     phase = torch.zeros(batch, height, width)
     for name in PHASE_CALIBRATIONS:
@@ -639,6 +659,16 @@ def fold_fit(
     return own.where(checkable, scan.expand_as(own))
 
 
+def guard_base(
+    op: MaskedOperator, y: torch.Tensor, calibration: PhaseCalibration | None
+) -> torch.Tensor:
+    """``(N, 2, H, W)`` what the guard keeps of a scan when it trusts no sampler: the pocs
+    baseline under the scan's phase ``calibration`` — which :func:`phase_calibration` has
+    already weighed against zero-filling on the same held-back lines — and the zero-filled
+    image on slices without one."""
+    return op.A_adjoint(y) if calibration is None else calibration.pocs(op, y)
+
+
 def sampler_trust(
     net,
     meta: dict[str, Any],
@@ -652,16 +682,16 @@ def sampler_trust(
     support (the ``reconstruct.guard``), validated the way self-supervised MRI methods
     validate, and cross-checked: the acquired lines outside the calibration region are split
     into :data:`GUARD_FOLDS` folds (:func:`guard_folds`); for each fold, every sampler
-    reconstructs from the other lines and its contribution beyond the zero-filled image of
-    those is scaled onto the fold's lines (least squares). The trust is the smallest scale
-    over the folds, clipped to [0, 1]: 0 where some fold is predicted no better than by
-    zero-filling. A slice with too few such lines to give every fold
-    :data:`GUARD_MIN_FOLD_LINES` (:func:`cross_checkable`) cannot be cross-checked alone — a
-    line or two that happen to fit say nothing of the many the prior fills in — and gets the
-    scan's pooled trust instead: the same least-squares scale over all the scan's slices
-    (``y`` is one scan), as long as each pooled fold holds that many lines; 0 otherwise.
-    ``calibration``: the scan's phase constraint, kept in every fold (its calibration lines
-    are never held back)."""
+    reconstructs from the other lines and its contribution beyond :func:`guard_base` of those
+    (pocs under ``calibration``, else zero-filled) is scaled onto the fold's lines (least
+    squares). The trust is the smallest scale over the folds, clipped to [0, 1]: 0 where some
+    fold is predicted no better than by that base. A slice with too few such lines to give
+    every fold :data:`GUARD_MIN_FOLD_LINES` (:func:`cross_checkable`) cannot be cross-checked
+    alone — a line or two that happen to fit say nothing of the many the prior fills in — and
+    gets the scan's pooled trust instead: the same least-squares scale over all the scan's
+    slices (``y`` is one scan), as long as each pooled fold holds that many lines; 0
+    otherwise. ``calibration``: the scan's phase constraint, kept in every fold (its
+    calibration lines are never held back)."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "guard"))
     folds = guard_folds(op.line_mask, generator)
     checkable = cross_checkable(folds)
@@ -672,7 +702,7 @@ def sampler_trust(
         return {f"diffusion_{s}": np.zeros(len(y), np.float32) for s in rc["samplers"]}
     for held_lines in folds:
         op_rest, y_rest, held = held_back_split(op, y, held_lines)
-        base = op.A(op_rest.A_adjoint(y_rest))
+        base = op.A(guard_base(op_rest, y_rest, calibration))
         target = (y - base) * held
         images: dict[str, np.ndarray] = {}
         diffusion_methods(
@@ -797,15 +827,17 @@ def reconstruct_new_files(
             if calibration.damping is not None:
                 report["sense_damping"] = calibration.damping
         if rc["guard"]:
-            # Keep of each slice's contribution beyond its zero-filled image only the share its
-            # held-back lines support: none where the sampler predicts them no better, so a
-            # scan the prior cannot help comes back as its zero-filled image. (With estimated
-            # coil maps zero-filled is not data-consistent either; it is the floor users know.)
+            # Keep of each slice's contribution beyond its base — pocs where the scan's
+            # held-back lines chose a phase constraint, else zero-filled — only the share
+            # those lines support: none where the sampler predicts them no better, so a scan
+            # the prior cannot help comes back as that base. (With estimated coil maps
+            # zero-filled is not data-consistent either; it is the floor users know.)
             trust = sampler_trust(net, meta, rc, op, y, seed, calibration)
             report["guard_trust"] = {m: [round(float(g), 4) for g in v] for m, v in trust.items()}
+            base = zero_filled if calibration is None else pocs
             for method, image in complex_images.items():
                 scale = torch.from_numpy(trust[method]).view(-1, 1, 1, 1)
-                guarded = zero_filled + scale * (torch.from_numpy(image) - zero_filled)
+                guarded = base + scale * (torch.from_numpy(image) - base)
                 complex_images[method] = guarded.numpy()
                 learned[method] = magnitude(guarded)
         if meta["mode"] == "ambient" and meta["image_channels"] == 2:
