@@ -9,7 +9,9 @@ head). Each reconstructs the same new scans the way a user would, through
 ``anatomical.nii``, a 66 x 82 mm crop of a brain; the T2*-weighted EPI ``example4d``; the
 spin-echo ``MR_small``), demo heads no model saw (T1w / T2w / PD axial, T1w coronal), and two
 controls for the field of view (the unseen T1w head cropped as the real T1 is, the real T1
-zero-padded into a whole-head field of view), each given a smooth phase, 4 coils and R = 4
+zero-padded into a whole-head field of view), each given a smooth phase and coil maps that
+span a head-sized field (``--scan-field head``, :func:`head_field`: a crop gets its part of a
+head's; ``fov``: each scan's own field, the simulation before), 4 coils and R = 4
 (equispaced, 20 % centre) and written as fastMRI files. Rows: ``{model, scan, psnr: {method:
 dB}, domain_shift_score, domain_shift_threshold, out_of_distribution, prior_gain,
 phase_calibration}`` with zero-filled, CS and pocs beside the diffusion samplers (PSNR
@@ -25,7 +27,9 @@ The same scans through a model trained elsewhere — e.g. the workflow's default
         --model-slices results/demo/ingest/slices.h5 --name robust_prior_default \
         --scans t1_anatomical t1_anatomical_padded epi_b0 t2_spin_echo demo_t1w_crop
 
-(``--scans``: a subset of the scans, each with the seed it has in the full run.) The scans
+(``--scans``: a subset of the scans, each with the seed it has in the full run;
+``--mask-draws K``: each scan acquired K times with K line masks, a row each — on the T1's
+41 columns one mask's draw moves the result by a dB.) The scans
 are acquired with 4 coils, equispaced, a 20 % centre (ESPIRiT's 6 calibration lines on the
 T1's 41 columns; it leaves the T1 two lines outside the centre); ``--coils 1
 --center-fraction 0.08 --mask-type random`` acquires them as the workflow's
@@ -205,15 +209,19 @@ def write_scan(
     center_fraction: float = 0.2,
     mask_type: str = "equispaced",
     field: tuple[int, int] | None = None,
+    mask_seed: int | None = None,
 ) -> np.ndarray:
     """Magnitude slices → ``coils``-coil k-space with a smooth phase (over the head ``field``,
     :func:`head_field`), R = 4 (by default equispaced with a 20 % centre: ESPIRiT needs 6
     calibration lines of the T1's 41 phase-encode columns), written as a fastMRI file;
-    returns the fully sampled k-space (which the file never holds)."""
+    returns the fully sampled k-space (which the file never holds). ``seed`` draws the
+    phase and, unless ``mask_seed`` does, the line mask."""
     kspace = simulate_multicoil_kspace(
         slices.astype(np.float32), coils=coils, seed=seed, head_field=field
     )
-    line_mask = LineMaskFunc([center_fraction], [4], mask_type)(kspace.shape[-1], seed)
+    line_mask = LineMaskFunc([center_fraction], [4], mask_type)(
+        kspace.shape[-1], seed if mask_seed is None else mask_seed
+    )
     write_fastmri(folder / f"{name}.h5", kspace, line_mask)
     return kspace
 
@@ -248,6 +256,8 @@ def psnr_on_model_scale(truth: np.ndarray, zero_filled: np.ndarray, image: np.nd
 
 
 CROP_SEED = 5000
+# Mask seed of a scan's further acquisitions (--mask-draws): its own seed plus this per draw.
+MASK_DRAW_STRIDE = 1000
 T1_MATRIX = (33, 41)  # nibabel's anatomical.nii in plane, 2 mm voxels
 
 
@@ -384,6 +394,13 @@ def main(argv: list[str] | None = None) -> Path:
     acquired.add_argument("--center-fraction", type=float, default=0.2)
     acquired.add_argument("--mask-type", choices=("equispaced", "random"), default="equispaced")
     acquired.add_argument(
+        "--mask-draws",
+        type=int,
+        default=1,
+        help="acquire each scan this many times, each with its own line mask (a row each): "
+        "how much of a scan's result is its one mask",
+    )
+    acquired.add_argument(
         "--scan-field",
         choices=("head", "fov"),
         default="head",
@@ -393,6 +410,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if sum(map(bool, (args.model, args.crop_prior, args.t1_prior))) > 1:
         parser.error("--model, --crop-prior and --t1-prior each name the one prior to score")
+    if args.mask_draws < 1:
+        parser.error("--mask-draws must be at least 1")
     if args.model and not args.model_slices:
         parser.error("--model needs --model-slices (the hold-out the domain-shift score uses)")
     if args.model:  # the demo heads are drawn on the given model's grid
@@ -431,19 +450,25 @@ def main(argv: list[str] | None = None) -> Path:
     if unknown:
         parser.error(f"--scans: no scan named {', '.join(sorted(unknown))}")
     names = sorted(args.scans or numbers, key=numbers.get)
-    full = {}
+    # (scan, draw, fully sampled k-space) per file, in the files' name order. Draw 0 is the
+    # scan's own acquisition; further draws acquire the same phased scan with other masks.
+    written = []
     for name in names:
         number = numbers[name]
-        full[name] = write_scan(
-            scans,
-            f"{number:02d}_{name}",
-            new[name],
-            seed=10 + number,
-            coils=args.coils,
-            center_fraction=args.center_fraction,
-            mask_type=args.mask_type,
-            field=head_field(name, new[name].shape[1:], args.scan_field),
-        )
+        for draw in range(args.mask_draws):
+            stem = f"{number:02d}_{name}" + (f"_m{draw}" if args.mask_draws > 1 else "")
+            full = write_scan(
+                scans,
+                stem,
+                new[name],
+                seed=10 + number,
+                coils=args.coils,
+                center_fraction=args.center_fraction,
+                mask_type=args.mask_type,
+                field=head_field(name, new[name].shape[1:], args.scan_field),
+                mask_seed=10 + number + MASK_DRAW_STRIDE * draw,
+            )
+            written.append((name, draw, full))
 
     # (name, model file, its cohort's slice store, where its outputs go)
     models = []
@@ -488,19 +513,20 @@ def main(argv: list[str] | None = None) -> Path:
                 "psnr": {m: round(metrics[f"{m}_R4_psnr"], 3) for m in METHODS},
             }
         )
-        for number, name in enumerate(names):
+        for number, (name, draw, full) in enumerate(written):
             scan = f"new{number:03d}"
             images = {
                 m: np.moveaxis(nib.load(files / f"{scan}_{m}.nii.gz").get_fdata(), -1, 0)
                 for m in METHODS
             }
-            truth = reference_magnitudes(full[name], args.image_size)
+            truth = reference_magnitudes(full, args.image_size)
             report = reports[scan]
             rows.append(
                 {
                     "model": model,
                     "image_size": args.image_size,
                     "scan": name,
+                    **({"mask_draw": draw} if args.mask_draws > 1 else {}),
                     "slices": report["slices"],
                     "psnr": {
                         m: round(psnr_on_model_scale(truth, images["zero_filled"], im), 3)

@@ -157,15 +157,31 @@ def test_the_guard_cross_checks_only_slices_with_two_lines_in_every_fold():
 def test_a_slice_too_thin_to_cross_check_gets_its_scans_pooled_fit():
     agreement = torch.tensor([2.0, 1.0, -3.0])
     energy = torch.tensor([4.0, 1.0, 5.0])
+    target = torch.tensor([10.0, 10.0, 10.0])
     checkable = torch.tensor([True, False, False])
     pooled = float(agreement.sum() / energy.sum())  # 0.0: the third slice cancels the rest
-    fit = reconstruct.fold_fit(agreement, energy, checkable, pooled=True)
+    fit = reconstruct.fold_fit(agreement, energy, target, checkable, pooled=True)
     torch.testing.assert_close(fit, torch.tensor([0.5, pooled, pooled]))
-    fit = reconstruct.fold_fit(agreement, energy, checkable, pooled=False)
+    fit = reconstruct.fold_fit(agreement, energy, target, checkable, pooled=False)
     torch.testing.assert_close(fit, torch.tensor([0.5, 0.0, 0.0]))
-    agreement[2] = 3.0
-    fit = reconstruct.fold_fit(agreement, energy, checkable, pooled=True)
+    agreement[2] = 3.0  # pooled: 6 / 10, lowering the error by 36 / (10 * 30) = 12 %
+    fit = reconstruct.fold_fit(agreement, energy, target, checkable, pooled=True)
     torch.testing.assert_close(fit[1:], torch.full((2,), 0.6))
+
+
+def test_a_fit_that_lowers_the_held_back_error_by_less_than_the_margin_counts_as_none():
+    """Slice 0 lowers its fold's error by ⟨a, t⟩² / (‖a‖² ‖t‖²) = 4 / 40 = 10 %, slice 1 by
+    0.25 / 40 < 1 %: chance, trusted at 0 though its least-squares scale is 0.125."""
+    assert reconstruct.HELD_BACK_MARGIN == pytest.approx(0.05)
+    agreement = torch.tensor([2.0, 0.5])
+    energy = torch.tensor([4.0, 4.0])
+    target = torch.tensor([10.0, 10.0])
+    checkable = torch.tensor([True, True])
+    fit = reconstruct.fold_fit(agreement, energy, target, checkable, pooled=False)
+    torch.testing.assert_close(fit, torch.tensor([0.5, 0.0]))
+    # Pooled over both: 2.5² / (8 * 20) = 3.9 %, below the margin as well.
+    fit = reconstruct.fold_fit(agreement, energy, target, ~checkable, pooled=True)
+    torch.testing.assert_close(fit, torch.zeros(2))
 
 
 def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model, tmp_path):

@@ -359,7 +359,7 @@ def test_a_calibration_must_beat_zero_filling_by_a_margin_in_every_fold():
         residual = {"off": off, "centre": np.array(centre), "acs_hann": np.array(acs_hann)}
         return reconstruct.chosen_calibration(residual, folds_energy)
 
-    margin = 1.0 - reconstruct.CALIBRATION_MARGIN
+    margin = 1.0 - reconstruct.HELD_BACK_MARGIN
     assert margin == pytest.approx(0.95)
     assert choose([9.85, 9.85], [10.2, 10.1]) == "off"
     assert choose([9.0, 9.0], [9.3, 9.2]) == "centre"

@@ -140,12 +140,15 @@ PHASE_CALIBRATIONS = {
     "centre": lambda op, y, rc: calibration_phase(op, y, rc["phase_window"]),
     "acs_hann": lambda op, y, rc: acs_hann_phase(op, y),
 }
-# How much better than zero-filling a calibration must predict a scan's held-back lines, in
-# every fold, to be imposed (phase_calibration). An unseen demo head cropped to nibabel's T1
-# field, its phase simulated over the crop as if it were a whole head, predicted them 0.9-1.6 %
-# better under the central window's phase and lost 0.58 dB to zero-filled under it; the
-# calibrations that helped on new scans were 7-46 % better (benchmarks/robust_prior.py).
-CALIBRATION_MARGIN = 0.05
+# How much better than its baseline a phase calibration (over zero-filling: phase_calibration)
+# or a sampler's contribution (over the guard's base: fold_fit) must predict a scan's held-back
+# lines, in every fold, to be kept: a smaller gain may be chance. An unseen demo head cropped
+# to nibabel's T1 field, its phase simulated over the crop as if it were a whole head,
+# predicted them 0.9-1.6 % better under the central window's phase and lost 0.58 dB to
+# zero-filled under it; the calibrations that helped on new scans were 7-46 % better. On the
+# 4-coil T1 crop the pooled fit trusted DPS at 0.07 and it fell 0.08 dB below zero-filled
+# (benchmarks/robust_prior.py).
+HELD_BACK_MARGIN = 0.05
 # Alternations of the pocs baseline (as many as the samplers' final ones).
 POCS_ROUNDS = 50
 # SENSE dampings the alternations may use (PhaseCalibration.damping): data_consistent's, and
@@ -237,7 +240,7 @@ def chosen_calibration(residual: dict[str, np.ndarray], energy: np.ndarray) -> s
     slices: ``residual`` per calibration and ``off``, and the held-back lines' ``energy``, each
     ``(GUARD_FOLDS,)``. A phase is imposed only where it predicts the held-back lines
     materially better than zero-filling in every fold — a gain within
-    :data:`CALIBRATION_MARGIN` may be chance, and where a fold holds no line nothing says a
+    :data:`HELD_BACK_MARGIN` may be chance, and where a fold holds no line nothing says a
     phase fits — and among those the best over the whole scan (the folds pooled); ``off``
     when none is."""
     if not (energy > 0).all():
@@ -245,7 +248,7 @@ def chosen_calibration(residual: dict[str, np.ndarray], energy: np.ndarray) -> s
     eligible = {
         name: float(residual[name].sum())
         for name in PHASE_CALIBRATIONS
-        if (residual[name] <= (1.0 - CALIBRATION_MARGIN) * residual["off"]).all()
+        if (residual[name] <= (1.0 - HELD_BACK_MARGIN) * residual["off"]).all()
     }
     return min(eligible, key=eligible.get) if eligible else "off"
 
@@ -262,11 +265,10 @@ def phase_calibration(
     ``auto`` one choice per scan (``groups``, ``(N,)``: the slices' scan or volume; default
     all one scan) among the calibrations of :data:`PHASE_CALIBRATIONS` and none, by how well
     each predicts the scan's held-back lines (:func:`calibration_errors` pooled over its
-    slices, :func:`chosen_calibration`). No calibration suits every scan (docs/samplers.md, 1 coil): on the real EPI the
-    taper's phase lets pocs gain 0.7 dB more than the window's; on the spin echo the window's
-    costs 3 dB and none is chosen; on the 41-column T1, whose three central lines the taper
-    blurs over the whole field, the window is. Where no phase fits, the scan is
-    reconstructed without the constraint."""
+    slices, :func:`chosen_calibration`). No calibration suits every scan (docs/samplers.md,
+    1 coil): on the real EPI the taper's phase lets pocs gain 0.7 dB more than the window's;
+    on the spin echo the window's costs 3 dB and none is chosen. Where no phase fits, the
+    scan is reconstructed without the constraint."""
     setting = rc["phase_constraint"]
     if setting is False or isinstance(op, PixelMask):
         return None
@@ -648,14 +650,25 @@ def cross_checkable(folds: torch.Tensor) -> torch.Tensor:
 
 
 def fold_fit(
-    agreement: torch.Tensor, energy: torch.Tensor, checkable: torch.Tensor, pooled: bool
+    agreement: torch.Tensor,
+    energy: torch.Tensor,
+    target_energy: torch.Tensor,
+    checkable: torch.Tensor,
+    pooled: bool,
 ) -> torch.Tensor:
     """``(B,)`` least-squares scales of a sampler's contribution onto one fold's held-back
-    lines, from each slice's ``agreement`` ⟨added, target⟩ and ``energy`` ‖added‖² (both
-    ``(B,)``): its own where ``checkable``; elsewhere the scan's pooled scale (Σ agreement /
-    Σ energy) where ``pooled`` allows it, else 0."""
-    own = agreement / energy.clamp(min=1e-12)
-    scan = agreement.sum() / energy.sum().clamp(min=1e-12) if pooled else torch.zeros(())
+    lines, from each slice's ``agreement`` ⟨added, target⟩, ``energy`` ‖added‖² and
+    ``target_energy`` ‖target‖² (each ``(B,)``): its own where ``checkable``; elsewhere the
+    scan's pooled scale (from the sums) where ``pooled`` allows it, else 0. A scale counts
+    only where it lowers the held-back error by :data:`HELD_BACK_MARGIN` of the target's
+    energy or more (⟨added, target⟩² ≥ margin · ‖added‖² · ‖target‖²); else it is 0."""
+
+    def scale(agree: torch.Tensor, added: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        material = agree.square() >= HELD_BACK_MARGIN * added * target
+        return (agree / added.clamp(min=1e-12)).where(material, torch.zeros_like(agree))
+
+    own = scale(agreement, energy, target_energy)
+    scan = scale(agreement.sum(), energy.sum(), target_energy.sum()) if pooled else torch.zeros(())
     return own.where(checkable, scan.expand_as(own))
 
 
@@ -684,8 +697,9 @@ def sampler_trust(
     into :data:`GUARD_FOLDS` folds (:func:`guard_folds`); for each fold, every sampler
     reconstructs from the other lines and its contribution beyond :func:`guard_base` of those
     (pocs under ``calibration``, else zero-filled) is scaled onto the fold's lines (least
-    squares). The trust is the smallest scale over the folds, clipped to [0, 1]: 0 where some
-    fold is predicted no better than by that base. A slice with too few such lines to give
+    squares, :func:`fold_fit`). The trust is the smallest scale over the folds, clipped to
+    [0, 1]: 0 where some fold is predicted no better — by less than :data:`HELD_BACK_MARGIN`
+    — than by that base. A slice with too few such lines to give
     every fold :data:`GUARD_MIN_FOLD_LINES` (:func:`cross_checkable`) cannot be cross-checked
     alone — a line or two that happen to fit say nothing of the many the prior fills in — and
     gets the scan's pooled trust instead: the same least-squares scale over all the scan's
@@ -710,8 +724,13 @@ def sampler_trust(
         )
         for method, image in images.items():
             added = (op.A(torch.from_numpy(image)) - base) * held
-            agreement = (added * target).flatten(1).sum(1)
-            fit = fold_fit(agreement, added.square().flatten(1).sum(1), checkable, pooled_checkable)
+            fit = fold_fit(
+                (added * target).flatten(1).sum(1),
+                added.square().flatten(1).sum(1),
+                target.square().flatten(1).sum(1),
+                checkable,
+                pooled_checkable,
+            )
             trust[method] = torch.minimum(trust.get(method, fit), fit)
     return {method: fit.clamp(0.0, 1.0).numpy() for method, fit in trust.items()}
 
