@@ -32,6 +32,15 @@ def truth(demo_dir, tmp_path_factory):
     return F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True)[:, 0].numpy()
 
 
+def _coil_images(kspace: np.ndarray) -> np.ndarray:
+    """Centred orthonormal inverse 2-D FFT over the last two axes (simulate_multicoil_kspace's
+    inverse, before the coil maps)."""
+    axes = (-2, -1)
+    return np.fft.fftshift(
+        np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), norm="ortho"), axes=axes
+    )
+
+
 def _line_mask(seed):
     return LineMaskFunc([0.17], [3], "equispaced")(SIZE, seed)
 
@@ -76,28 +85,18 @@ def test_espirit_uses_acs_lines_only(truth):
     changed[..., outer] *= 5.0
     np.testing.assert_allclose(espirit_maps(changed * mask, mask), maps, atol=1e-5)
     # Maps combine the coils back to the image: |Σ conj(S) x_c| follows the truth.
-    coil_images = np.fft.fftshift(
-        np.fft.ifft2(np.fft.ifftshift(kspace, axes=(-2, -1)), norm="ortho"), axes=(-2, -1)
-    )
-    combined = np.abs(np.sum(np.conj(maps) * coil_images, axis=0))
+    combined = np.abs(np.sum(np.conj(maps) * _coil_images(kspace), axis=0))
     assert np.corrcoef(combined.ravel(), truth[5].ravel())[0, 1] > 0.98
 
 
 def test_a_crop_gets_the_phase_and_coil_maps_of_its_part_of_the_head(truth):
     """A 20 x 30 crop simulated inside its 48 x 48 head field holds the coil images the whole
     slice has there; simulated on its own, its phase and maps would span it alone."""
-
-    def coil_images(kspace):
-        axes = (-2, -1)
-        return np.fft.fftshift(
-            np.fft.ifft2(np.fft.ifftshift(kspace, axes=axes), norm="ortho"), axes=axes
-        )
-
-    whole = coil_images(simulate_multicoil_kspace(truth[:2], coils=3, seed=4))
+    whole = _coil_images(simulate_multicoil_kspace(truth[:2], coils=3, seed=4))
     crop = truth[:2, 14:34, 9:39]
-    inside = coil_images(simulate_multicoil_kspace(crop, coils=3, seed=4, head_field=(48, 48)))
+    inside = _coil_images(simulate_multicoil_kspace(crop, coils=3, seed=4, head_field=(48, 48)))
     np.testing.assert_allclose(inside, whole[..., 14:34, 9:39], atol=1e-5)
-    alone = coil_images(simulate_multicoil_kspace(crop, coils=3, seed=4))
+    alone = _coil_images(simulate_multicoil_kspace(crop, coils=3, seed=4))
     np.testing.assert_allclose(np.sqrt((np.abs(alone) ** 2).sum(1)), crop, atol=1e-4)
     assert np.abs(alone - inside).max() > 0.1 * crop.max()
     same = simulate_multicoil_kspace(truth[:2], coils=3, seed=4, head_field=(SIZE, SIZE))

@@ -209,6 +209,14 @@ def fixed_calibration(
     return PhaseCalibration(phase, torch.ones(len(y), dtype=torch.bool), (name,) * len(y))
 
 
+def calibration_folds(line_mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """The :func:`guard_folds` every phase-calibration choice holds back (the calibration's
+    and the damping's alike), seeded apart from the guard's own."""
+    return guard_folds(
+        line_mask, torch.Generator().manual_seed(derive_seed(seed, "phase-calibration"))
+    )
+
+
 def calibration_errors(
     op: MaskedOperator, y: torch.Tensor, rc: dict[str, Any], seed: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -218,8 +226,7 @@ def calibration_errors(
     calibration phase too). Per calibration and ``off`` (the zero-filled image of the
     rest): ``(residual, energy)``, each ``(GUARD_FOLDS, N)`` — per fold, the held-back
     lines' squared error and their squared measurements."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, "phase-calibration"))
-    folds = guard_folds(op.line_mask, generator)
+    folds = calibration_folds(op.line_mask, seed)
     names = ("off", *PHASE_CALIBRATIONS)
     residual = {name: torch.zeros(len(folds), len(y)) for name in names}
     energy = torch.zeros(len(folds), len(y))
@@ -305,8 +312,7 @@ def with_sense_damping(
     docs/samplers.md)."""
     if not isinstance(op, MultiCoilSense) or not bool(calibration.constrained.any()):
         return calibration
-    generator = torch.Generator().manual_seed(derive_seed(seed, "phase-calibration"))
-    folds = guard_folds(op.line_mask, generator)
+    folds = calibration_folds(op.line_mask, seed)
     rows = calibration.constrained
     splits = [held_back_split(op, y, held_lines) for held_lines in folds]
     errors = []
