@@ -285,7 +285,7 @@ def chosen_calibration(residual: dict[str, np.ndarray], energy: np.ndarray) -> s
     predicted one edge 3.4 times worse than zero-filling and gained 1.9 dB), so they support a
     phase only where the outer lines do not argue against it and refute one only where both
     fail. Under a phase that varies across the T1 crop as a whole head's does, the Hann
-    calibration predicted the outer lines 3-7 % better, both edges 1.8-3 times worse, and lost
+    calibration predicted the outer lines 7 % better, both edges 1.8-3 times worse, and lost
     7.5 dB (docs/samplers.md)."""
     outer, edge = slice(0, GUARD_FOLDS), slice(GUARD_FOLDS, None)
     if not (energy[outer] > 0).all():
