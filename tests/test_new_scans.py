@@ -13,7 +13,10 @@ import pytest
 import torch
 from conftest import REPO, tiny_config
 
-from ambient_med.config import stage_config
+from ambient_med.config import load_config, stage_config
+from ambient_med.io.kspace import calibrate, fit_kspace, read_raw
+from ambient_med.physics.masks import acs_lines
+from ambient_med.physics.operators import MultiCoilSense
 from ambient_med.stages import corrupt, ingest, reconstruct, train
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -231,9 +234,6 @@ def _t1_crop_acquired(folder, scan_field: str, mask_seed: int):
     """nibabel's T1 crop as robust_prior.py acquires it at 1 coil (random, 8 % centre, R = 4,
     its phase over ``scan_field``), read back as ``reconstruct.input`` reads a raw file:
     the operator, measurements and fully sampled reference on the 64 grid."""
-    from ambient_med.config import load_config
-    from ambient_med.io.kspace import calibrate, fit_kspace, read_raw
-
     slices = robust_prior.real_slices()["t1_anatomical"]
     full = robust_prior.write_scan(
         folder,
@@ -252,7 +252,7 @@ def _t1_crop_acquired(folder, scan_field: str, mask_seed: int):
     maps, kspace, _ = calibrate(
         kspace, lines, 0.0, "t1", ingest_cfg["intensity_percentile"], ingest_cfg["intensity_band"]
     )
-    op = reconstruct.MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
+    op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
     y = torch.view_as_real(torch.from_numpy(kspace)).float()
     return op, y, robust_prior.reference_magnitudes(full, 64)
 
@@ -278,7 +278,7 @@ def test_a_phase_is_weighed_on_its_edge_lines_where_no_outer_line_has_its_mirror
     edge lines see it, and auto imposes the Hann-tapered calibration."""
     op, y, truth = _t1_crop_acquired(tmp_path, "head", mask_seed=2016)
     line_mask = op.line_mask.bool()[0]
-    outer = line_mask & ~reconstruct.acs_lines(line_mask)
+    outer = line_mask & ~acs_lines(line_mask)
     mirrored = torch.roll(torch.flip(outer, [-1]), 1, -1)  # column j -> 64 - j: frequency -k
     assert not bool((outer & mirrored).any()) and bool(outer.any())
     rc = {"phase_constraint": "auto", "phase_window": 0.04}
