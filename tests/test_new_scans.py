@@ -14,10 +14,9 @@ import torch
 from conftest import REPO, tiny_config
 
 from ambient_med.config import load_config, stage_config
-from ambient_med.io.kspace import calibrate, fit_kspace, read_raw
 from ambient_med.physics.masks import acs_lines
-from ambient_med.physics.operators import MultiCoilSense
 from ambient_med.stages import corrupt, ingest, reconstruct, train
+from ambient_med.stages.common import magnitude
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 try:
@@ -232,8 +231,9 @@ def test_real_scans_from_the_dependencies_go_through_reconstruct_input(t1_model,
 
 def _t1_crop_acquired(folder, scan_field: str, mask_seed: int):
     """nibabel's T1 crop as robust_prior.py acquires it at 1 coil (random, 8 % centre, R = 4,
-    its phase over ``scan_field``), read back as ``reconstruct.input`` reads a raw file:
-    the operator, measurements and fully sampled reference on the 64 grid."""
+    its phase over ``scan_field``), read back as ``reconstruct.input`` reads a raw file
+    (:func:`reconstruct.new_scan_measurements`): the operator, measurements and fully sampled
+    reference on the 64 grid."""
     slices = robust_prior.real_slices()["t1_anatomical"]
     full = robust_prior.write_scan(
         folder,
@@ -247,21 +247,14 @@ def _t1_crop_acquired(folder, scan_field: str, mask_seed: int):
         mask_seed=mask_seed,
     )
     ingest_cfg = load_config(REPO / "config" / "config.yaml")["ingest"]
-    raw = read_raw(folder / "t1.h5", 10**10)
-    kspace, lines = fit_kspace(raw.kspace, raw.line_mask, 64)
-    maps, kspace, _ = calibrate(
-        kspace, lines, 0.0, "t1", ingest_cfg["intensity_percentile"], ingest_cfg["intensity_band"]
-    )
-    op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
-    y = torch.view_as_real(torch.from_numpy(kspace)).float()
+    op, y, *_ = reconstruct.new_scan_measurements(folder / "t1.h5", 64, ingest_cfg)
     return op, y, robust_prior.reference_magnitudes(full, 64)
 
 
 def _gain_over_zero_filled(op, y, truth, image) -> float:
-    zero_filled = torch.linalg.vector_norm(op.A_adjoint(y), dim=1).numpy()
-    magnitude = torch.linalg.vector_norm(image, dim=1).numpy()
+    zero_filled = magnitude(op.A_adjoint(y))
     return robust_prior.psnr_on_model_scale(
-        truth, zero_filled, magnitude
+        truth, zero_filled, magnitude(image)
     ) - robust_prior.psnr_on_model_scale(truth, zero_filled, zero_filled)
 
 

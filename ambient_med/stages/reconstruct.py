@@ -839,6 +839,23 @@ def data_residual(op: MaskedOperator, y: torch.Tensor, images: np.ndarray) -> li
     return [round(float(r), 6) for r in residual]
 
 
+def new_scan_measurements(
+    path: Path, size: int, ingest: dict[str, Any]
+) -> tuple[MultiCoilSense, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """A raw k-space file as ``reconstruct.input`` reconstructs it: fitted to the model's
+    ``size`` grid, coil maps from its calibration lines, scaled by the ``ingest`` section's
+    intensity convention. Returns the operator, its measurements ``y`` ``(S, coils, size,
+    size, 2)``, and the scaled k-space ``(S, coils, size, size)``, maps (same shape) and line
+    mask ``(S, size)`` they are made of."""
+    raw = read_raw(path, 10**10)
+    kspace, lines = fit_kspace(raw.kspace, raw.line_mask, size)
+    maps, kspace, _ = calibrate(
+        kspace, lines, 0.0, path.name, ingest["intensity_percentile"], ingest["intensity_band"]
+    )
+    op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
+    return op, torch.view_as_real(torch.from_numpy(kspace)).float(), kspace, maps, lines
+
+
 def reconstruct_new_files(
     net,
     meta: dict[str, Any],
@@ -872,19 +889,7 @@ def reconstruct_new_files(
     reports: list[dict[str, Any]] = []
     references: dict[tuple[int, int], np.ndarray | None] = {}
     for number, path in enumerate(files):
-        raw = read_raw(path, 10**10)
-        kspace, lines = fit_kspace(raw.kspace, raw.line_mask, size)
-        ingest = cfg["ingest"]
-        maps, kspace, _ = calibrate(
-            kspace,
-            lines,
-            0.0,
-            path.name,
-            ingest["intensity_percentile"],
-            ingest["intensity_band"],
-        )
-        op = MultiCoilSense(torch.from_numpy(lines), torch.from_numpy(maps))
-        y = torch.view_as_real(torch.from_numpy(kspace)).float()
+        op, y, kspace, maps, lines = new_scan_measurements(path, size, cfg["ingest"])
         zero_filled = op.A_adjoint(y)
         results = {"zero_filled": magnitude(zero_filled)}
         results["cs_l1"] = np.stack(
