@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import open_cohort, write_results  # noqa: E402
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> Path:
         row = {"R": accel, "window": "auto", "zero_filled": zero_filled}
         row["pocs"] = psnr(magnitude(calibration.pocs(op, y)))
         row["chosen"] = {c: calibration.choice.count(c) for c in sorted(set(calibration.choice))}
+        # Slices per alternation count their subject's held-back lines chose.
+        counts = torch.as_tensor(calibration.rounds).expand(len(y))[calibration.constrained]
+        row["rounds"] = {str(n): int((counts == n).sum()) for n in counts.unique().tolist()}
         if net is not None:
             rc_dc = rc_auto | {"samplers": ["dc"]}
             images, _ = diffusion_methods(net, meta, rc_dc, op, y, seed, calibration=calibration)

@@ -113,6 +113,7 @@ REPORTED = (
     "out_of_distribution",
     "phase_calibration",
     "sense_damping",
+    "pocs_rounds",
 )
 
 

@@ -28,6 +28,7 @@ from ambient_med.physics.operators import (
     Identity,
     MultiCoilSense,
     SingleCoilFourier,
+    alternate_projections,
     data_consistent,
     fft2c,
     to_channels,
@@ -295,6 +296,29 @@ def test_pocs_fills_unmeasured_lines_of_a_magnitude_image_under_a_smooth_phase()
     assert error(phase_constrained(op, y, torch.zeros(1, size, size))) > error(pocs)
 
 
+def test_alternations_run_each_example_its_own_count():
+    """``rounds`` per example: each example of the batch comes back as it would from a run
+    of its own count (bit for bit: the single-coil projection acts on each alone)."""
+    size = 32
+    phase = _smooth_phase(size)
+    truth = to_channels(
+        (torch.from_numpy(_phantom(size)) * torch.polar(torch.ones(size, size), phase))[None]
+    ).expand(2, -1, -1, -1)
+    masks = [LineMaskFunc([0.2], [3], "random")(size, seed=s) for s in range(2)]
+    op = SingleCoilFourier(torch.from_numpy(np.stack(masks)), size)
+    y = op.A(truth)
+
+    def project(image: torch.Tensor) -> torch.Tensor:
+        return phase_project(image, phase.expand(len(image), -1, -1))
+
+    start = op.A_adjoint(y)
+    both = alternate_projections(op, start, y, project, torch.tensor([3, 7]))
+    for example, count in enumerate((3, 7)):
+        alone = alternate_projections(op, start, y, project, count)
+        torch.testing.assert_close(both[example], alone[example], atol=0.0, rtol=0.0)
+    assert not torch.equal(both[0], alternate_projections(op, start, y, project, 7)[0])
+
+
 def test_the_hann_tapered_calibration_phase_does_not_ring():
     """Under a constant phase, the auto-calibration lines under a Hann taper give that phase
     over the whole object; a box over the same lines rings, and its phase strays."""
@@ -429,14 +453,75 @@ def test_the_sense_damping_of_pocs_is_chosen_on_held_back_lines(coil_shift, damp
     assert error(damping) < min(error(d) for d in reconstruct.SENSE_DAMPINGS if d != damping)
 
 
+def test_the_alternation_count_steps_from_the_default_only_while_each_step_earns_it():
+    """Held-back errors after 10 / 20 / 50 / 100 / 200 alternations relative to 50 (the
+    scans' own, docs/samplers.md): a step is taken while it lowers the error by 2 %, and the
+    walk stops at the first that does not; of the walks up and down the lower end wins."""
+
+    def choose(errors: list[float]) -> int:
+        counts = reconstruct.ALTERNATION_ROUNDS
+        return reconstruct.chosen_rounds(dict(zip(counts, errors, strict=True)))
+
+    assert reconstruct.ALTERNATION_ROUNDS == (10, 20, 50, 100, 200)
+    assert reconstruct.POCS_ROUNDS == 50 and reconstruct.ROUNDS_MARGIN == pytest.approx(0.02)
+    assert choose([1.085, 1.041, 1.0, 0.988, 0.997]) == 50  # 1.2 % better: not enough
+    assert choose([1.146, 1.075, 1.0, 0.965, 0.964]) == 100  # 200 adds 0.1 %: stop at 100
+    assert choose([1.197, 1.120, 1.0, 0.924, 0.827]) == 200  # still gaining
+    assert choose([0.946, 0.953, 1.0, 1.071, 1.169]) == 20  # down; 10 adds 0.7 %
+    assert choose([1.02, 0.976, 1.0, 1.086, 1.287]) == 20
+    assert choose([0.97, 0.99, 1.0, 0.97, 0.90]) == 200  # both ways: the lower end
+    assert choose([0.0] * 5) == 50  # no held-back line: nothing to choose on
+
+
+def test_the_alternation_count_is_chosen_per_scan_on_held_back_lines():
+    """Two scans in one batch: under a constant phase, which the Hann calibration gets
+    exactly, pocs is still gaining at 50 alternations, and the held-back lines take it
+    further — which the truth confirms; the other scan, under a smooth phase the calibration
+    only approximates, keeps its own count; a null prior's reconstruction ends at the count
+    its scan chose."""
+    size = 64
+    magnitude = torch.from_numpy(_phantom(size))
+    constant = magnitude * torch.polar(torch.ones(size, size), torch.tensor(0.7))
+    smooth = magnitude * torch.polar(torch.ones(size, size), _smooth_phase(size))
+    truth = to_channels(torch.stack([constant] * 3 + [smooth] * 3))
+    masks = [LineMaskFunc([0.08], [4], "random")(size, seed=s % 3) for s in range(6)]
+    op = SingleCoilFourier(torch.from_numpy(np.stack(masks)), size)
+    y = op.A(truth)
+    rc = {"phase_constraint": "auto", "phase_window": 0.04}
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    calibration = reconstruct.phase_calibration(rc, op, y, seed=0, groups=groups)
+    assert bool(calibration.constrained.all())
+    rounds = calibration.rounds.tolist()
+    assert rounds[:3] == [rounds[0]] * 3 and rounds[3:] == [rounds[3]] * 3
+    assert rounds[0] > reconstruct.POCS_ROUNDS and rounds[3] == reconstruct.POCS_ROUNDS
+
+    def error(image: torch.Tensor) -> float:
+        return float((image - truth)[:3].norm() / truth[:3].norm())
+
+    default = replace(calibration, rounds=reconstruct.POCS_ROUNDS)
+    assert error(calibration.pocs(op, y)) < error(default.pocs(op, y))
+    ended = end_on_data(
+        op, op.A_adjoint(y), y, calibration.project, calibration.damping, calibration.rounds
+    )
+    torch.testing.assert_close(ended, calibration.pocs(op, y), atol=0.0, rtol=0.0)
+
+
 def test_under_a_phase_constraint_a_sense_reconstruction_ends_as_pocs_would():
-    """end_on_data with a projection and the calibration's damping, started at the zero-filled
-    image, is the pocs baseline to the bit: a prior that adds nothing gives back pocs."""
+    """end_on_data with a projection and the calibration's damping and alternation count,
+    started at the zero-filled image, is the pocs baseline to the bit: a prior that adds
+    nothing gives back pocs."""
     sense, y, _ = _sense_scan(32, coil_shift=4)
     rc = {"phase_constraint": True, "phase_window": 0.2}
     calibration = reconstruct.phase_calibration(rc, sense, y, seed=0)
     torch.testing.assert_close(
-        end_on_data(sense, sense.A_adjoint(y), y, calibration.project, calibration.damping),
+        end_on_data(
+            sense,
+            sense.A_adjoint(y),
+            y,
+            calibration.project,
+            calibration.damping,
+            calibration.rounds,
+        ),
         calibration.pocs(sense, y),
         atol=0.0,
         rtol=0.0,

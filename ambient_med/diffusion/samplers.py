@@ -28,8 +28,9 @@ ImageProjection = Callable[[torch.Tensor], torch.Tensor]
 # model's DPS scored 3.1 dB below DC at R = 2 (33.88 vs 37.00) with it, 4.8 dB above with 1e-4
 # (41.76), and 0.5 dB above at R = 4 (26.67 vs 26.21; 12 training-subject slices).
 FINAL_SENSE_DAMPING = 1e-4
-# Alternations between ``project`` and the data that end a reconstruction given a projection:
-# as many as the pocs baseline's. With one, DC gained 1.29 dB over zero-filled on the default
+# Alternations between ``project`` and the data that end a reconstruction given a projection,
+# unless the caller chooses a count (reconstruct chooses one per scan, the same as its pocs
+# baseline's). With one, DC gained 1.29 dB over zero-filled on the default
 # demo model's hold-out (1 coil, R = 4) (robust_prior_default_1coil_phase_w004.json, commit
 # d313214), below pocs alone (1.59); with 50, 1.64 (robust_prior_default_1coil_phase.json).
 PROJECTION_ROUNDS = 50
@@ -41,6 +42,7 @@ def end_on_data(
     measurements: torch.Tensor,
     project: ImageProjection | None = None,
     damping: float | None = None,
+    rounds: int | torch.Tensor = PROJECTION_ROUNDS,
 ) -> torch.Tensor:
     """The last projection of a reconstruction onto its measurements (tighter for SENSE).
 
@@ -52,13 +54,12 @@ def end_on_data(
     (reconstruct's phase calibration): with the simulation's exact maps 1e-4 is right, with
     ESPIRiT maps estimated from a new scan fifty near-undamped fits amplify what the maps
     cannot explain (POCS from zero-filled on 4-coil new scans, 1e-2 → 1e-4: padded T1
-    37.96 → 36.03 dB, EPI 33.30 → 25.76). Either way a prior that adds nothing ends exactly
-    where the pocs baseline does. Without ``project``, one fit at
-    :data:`FINAL_SENSE_DAMPING`."""
+    37.96 → 36.03 dB, EPI 33.30 → 25.76). How many alternations (``rounds``: an int or one
+    per example) suit a scan is chosen per scan too (reconstruct's phase calibration), as
+    many as its pocs baseline gets. Either way a prior that adds nothing ends exactly where
+    the pocs baseline does. Without ``project``, one fit at :data:`FINAL_SENSE_DAMPING`."""
     if project is not None:
-        return alternate_projections(
-            op, image, measurements, project, PROJECTION_ROUNDS, damping=damping
-        )
+        return alternate_projections(op, image, measurements, project, rounds, damping=damping)
     damping = FINAL_SENSE_DAMPING if isinstance(op, MultiCoilSense) else None
     return data_consistent(op, image, measurements, damping=damping)
 
@@ -119,6 +120,7 @@ def posterior_sample(
     device: torch.device | str = "cpu",
     project: ImageProjection | None = None,
     end_damping: float | None = None,
+    end_rounds: int | torch.Tensor = PROJECTION_ROUNDS,
 ) -> torch.Tensor:
     """Reconstructs images from measurements y = A x with the diffusion model as prior.
 
@@ -127,7 +129,8 @@ def posterior_sample(
     network. ``method="dc"``: no gradient through the network; x̂0 is replaced by its
     data-consistent version (measured entries from y) before each DDIM update. ``project``
     (DC: every x̂0, before its data; DPS: the last) adds what else is known of the image;
-    ``end_damping``: the SENSE damping of the alternations that then end it (:func:`end_on_data`).
+    ``end_damping`` and ``end_rounds``: the SENSE damping and the count of the alternations
+    that then end it (:func:`end_on_data`).
 
     Args:
         op: the acquisition operator A of each example (batched).
@@ -177,7 +180,7 @@ def posterior_sample(
     # Every reconstruction ends on the data (a projection; CG for SENSE): without it DPS
     # scored below zero-filled.
     with torch.no_grad():
-        return end_on_data(op, last, measurements, project, end_damping)
+        return end_on_data(op, last, measurements, project, end_damping, end_rounds)
 
 
 @torch.no_grad()
@@ -189,15 +192,17 @@ def one_step_reconstruction(
     mask_op: MaskedOperator | None = None,
     project: ImageProjection | None = None,
     end_damping: float | None = None,
+    end_rounds: int | torch.Tensor = PROJECTION_ROUNDS,
 ) -> torch.Tensor:
     """x̂ = DC(h_θ([A^H y, mask], t_min)): the denoiser applied once to the zero-filled
     image, then projected onto the measurements.
 
     ``mask_op`` supplies the mask channel when A's own is not what the model was trained to
     read (the identity for clean/naive models); ``project`` comes before the projection
-    (:func:`end_on_data`, with ``end_damping``).
+    (:func:`end_on_data`, with ``end_damping`` and ``end_rounds``).
     """
     z = op.A_adjoint(measurements)
     mask_image = (mask_op or op).mask_image()
     t = torch.full((z.shape[0],), int(t_min), dtype=torch.long, device=z.device)
-    return end_on_data(op, net(z, mask_image, t).float(), measurements, project, end_damping)
+    x0_hat = net(z, mask_image, t).float()
+    return end_on_data(op, x0_hat, measurements, project, end_damping, end_rounds)

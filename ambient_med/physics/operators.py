@@ -266,14 +266,19 @@ def alternate_projections(
     image: torch.Tensor,
     measurements: torch.Tensor,
     project: Callable[[torch.Tensor], torch.Tensor],
-    rounds: int,
+    rounds: int | torch.Tensor,
     damping: float | None = None,
 ) -> torch.Tensor:
-    """Projections onto convex sets (POCS) from ``image``: ``rounds`` times the nearest image
-    in ``project``'s set, then the nearest that agrees with the measurements
-    (:func:`data_consistent`, ``damping`` as there). Ends on the measurements."""
-    for _ in range(rounds):
-        image = data_consistent(op, project(image), measurements, damping=damping)
+    """Projections onto convex sets (POCS) from ``image``: ``rounds`` times (an int, or one
+    count per example, ``(B,)``) the nearest image in ``project``'s set, then the nearest that
+    agrees with the measurements (:func:`data_consistent`, ``damping`` as there). Ends on the
+    measurements."""
+    counts = torch.as_tensor(rounds).expand(image.shape[0])
+    shape = (-1, *([1] * (image.ndim - 1)))
+    for step in range(int(counts.max()) if len(counts) else 0):
+        updated = data_consistent(op, project(image), measurements, damping=damping)
+        # An example that has had its rounds keeps its image (the batch runs on together).
+        image = torch.where((step < counts).view(shape), updated, image)
     return image
 
 
