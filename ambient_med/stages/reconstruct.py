@@ -988,7 +988,8 @@ def reconstruct_new_files(
             report["phase_calibration"] = calibration.choice[0]
             if calibration.damping is not None:
                 report["sense_damping"] = calibration.damping
-            report["pocs_rounds"] = int(torch.as_tensor(calibration.rounds).max())
+            if bool(calibration.constrained.any()):
+                report["pocs_rounds"] = int(torch.as_tensor(calibration.rounds).max())
         if rc["guard"]:
             # Keep of each slice's contribution beyond its base — pocs where the scan's
             # held-back lines chose a phase constraint, else zero-filled — only the share
