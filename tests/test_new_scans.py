@@ -15,6 +15,7 @@ from conftest import REPO, tiny_config
 
 from ambient_med.config import load_config, stage_config
 from ambient_med.physics.masks import acs_lines
+from ambient_med.physics.recon import l1_wavelet
 from ambient_med.stages import corrupt, ingest, reconstruct, train
 from ambient_med.stages.common import magnitude
 
@@ -98,6 +99,36 @@ def test_new_scans_report_the_prior_gain_and_end_on_their_data(t1_model, tmp_pat
     assert not t1["out_of_distribution"] and t2["out_of_distribution"]
     assert t2["domain_shift_score"] > t1["domain_shift_score"]
     assert any(m.startswith("new001: unlike the training cohort") for m in warnings)
+
+
+def test_a_new_scan_gets_the_cs_lambda_its_cohort_validates_for_its_acquisition(t1_model, tmp_path):
+    """A new scan has no reference to choose CS's λ on: it gets the one the cohort's
+    training slices choose when acquired with its coils and R — for a scan acquired as the
+    workflow acquires its hold-out (1 coil, R = 4), the workflow's own ``cs_l1_R4_lambda``;
+    and its CS output is that λ's reconstruction."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    cfg = _config()
+    rc = cfg["reconstruct"]
+    robust_prior.write_scan(
+        folder,
+        "a_t1",
+        robust_prior.demo_head("t1w", "axial", 32),
+        seed=1,
+        coils=1,
+        center_fraction=rc["center_fraction"],
+        mask_type=rc["mask_type"],
+    )
+    metrics = _reconstruct(t1_model, folder, tmp_path, cfg)
+    (scan,) = metrics["new_scans"]
+    assert scan["cs_lambda"] == metrics["cs_l1_R4_lambda"]
+    assert scan["cs_lambda"] in rc["cs_lambdas"]
+    op, y, kspace, maps, lines = reconstruct.new_scan_measurements(
+        folder / "a_t1.h5", 32, stage_config(cfg, "demo", "reconstruct")["ingest"]
+    )
+    expected = np.abs(l1_wavelet(kspace[0], maps[0], lines[0], scan["cs_lambda"]))
+    written = nib.load(tmp_path / "files" / "new000_cs_l1.nii.gz").get_fdata()[..., 0]
+    np.testing.assert_allclose(written, expected, atol=1e-5)
 
 
 def test_shift_verdict_flags_a_scan_beyond_the_cohort():
