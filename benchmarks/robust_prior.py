@@ -114,6 +114,7 @@ REPORTED = (
     "phase_calibration",
     "sense_damping",
     "pocs_rounds",
+    "cs_lambda",
 )
 
 
