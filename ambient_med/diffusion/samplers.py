@@ -30,9 +30,9 @@ ImageProjection = Callable[[torch.Tensor], torch.Tensor]
 FINAL_SENSE_DAMPING = 1e-4
 # Alternations between ``project`` and the data that end a reconstruction given a projection,
 # unless the caller chooses a count (reconstruct chooses one per scan, the same as its pocs
-# baseline's). With one, DC gained 1.29 dB over zero-filled on the default
-# demo model's hold-out (1 coil, R = 4) (robust_prior_default_1coil_phase_w004.json, commit
-# d313214), below pocs alone (1.59); with 50, 1.64 (robust_prior_default_1coil_phase.json).
+# baseline's). With one, DC gained 1.29 dB over zero-filled on the default demo model's
+# hold-out (1 coil, R = 4) (robust_prior_default_1coil_phase_w004.json, commit d313214), below
+# pocs alone (1.59); with 50, 1.64 (robust_prior_default_1coil_phase.json).
 PROJECTION_ROUNDS = 50
 
 
