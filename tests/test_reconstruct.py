@@ -436,6 +436,28 @@ def _sense_scan(size: int, coil_shift: int = 0):
     return sense, acquired.A(truth), truth
 
 
+def test_fold_alternations_continue_where_they_stopped():
+    """Held-back errors read at 2 and 5 alternations, then at 9 by the same run, are those of
+    fresh runs to the bit (the damping choice reuses its fifty rounds); a count already passed
+    is refused."""
+    sense, y, _ = _sense_scan(32, coil_shift=4)
+    calibration = reconstruct.fixed_calibration(sense, y, {"phase_window": 0.2}, name="centre")
+    folds = reconstruct.calibration_folds(sense.line_mask, seed=0)
+
+    def run() -> reconstruct.FoldAlternations:
+        return reconstruct.FoldAlternations(sense, y, folds, calibration.project, 1e-2)
+
+    continued = run()
+    early = continued.residuals((2, 5))
+    late = continued.residuals((9,))
+    fresh = run().residuals((2, 5, 9))
+    for count, residual in (early | late).items():
+        torch.testing.assert_close(residual, fresh[count], atol=0.0, rtol=0.0)
+    assert float(fresh[9].sum()) > 0 and not torch.equal(fresh[2], fresh[9])
+    with pytest.raises(ValueError, match="already run"):
+        continued.residuals((5, 12))
+
+
 @pytest.mark.parametrize("coil_shift, damping", [(0, 1e-4), (4, 1e-2)])
 def test_the_sense_damping_of_pocs_is_chosen_on_held_back_lines(coil_shift, damping):
     """Fifty CG-SENSE fits want little damping where the coil maps explain the data and more

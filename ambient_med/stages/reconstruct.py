@@ -373,27 +373,43 @@ def phase_calibration(
     return with_alternations(calibration, op, y, seed, groups)
 
 
-def alternation_residuals(
-    op: MaskedOperator,
-    y: torch.Tensor,
-    folds: torch.Tensor,
-    project: ImageProjection,
-    damping: float | None,
-    counts: tuple[int, ...] = ALTERNATION_ROUNDS,
-) -> dict[int, torch.Tensor]:
-    """Per alternation count of ``counts``, ``(N,)`` each slice's squared error on the lines
-    of ``folds`` (``(K, N, W)``) when each fold is predicted by that many alternations between
-    ``project`` and the data (at SENSE ``damping``) from the zero-filled image of the other
-    lines — one run per fold, read at each count."""
-    residual = {rounds: torch.zeros(len(y)) for rounds in counts}
-    for held_lines in folds:
-        op_rest, y_rest, held = held_back_split(op, y, held_lines)
-        image = op_rest.A_adjoint(y_rest)
-        for step in range(1, max(counts) + 1):
-            image = data_consistent(op_rest, project(image), y_rest, damping=damping)
-            if step in residual:
-                residual[step] += ((op.A(image) - y).square() * held).flatten(1).sum(1)
-    return residual
+class FoldAlternations:
+    """Each fold of ``folds`` (``(K, N, W)`` held-back lines) predicted by alternations between
+    ``project`` and the data (at SENSE ``damping``), started from the zero-filled image of the
+    other lines and advanced in place, so that a later count continues where an earlier one
+    stopped."""
+
+    def __init__(
+        self,
+        op: MaskedOperator,
+        y: torch.Tensor,
+        folds: torch.Tensor,
+        project: ImageProjection,
+        damping: float | None,
+    ) -> None:
+        self.op, self.y, self.project, self.damping = op, y, project, damping
+        self.splits = [held_back_split(op, y, held_lines) for held_lines in folds]
+        self.images = [op_rest.A_adjoint(y_rest) for op_rest, y_rest, _ in self.splits]
+        self.rounds = 0
+
+    def residuals(self, counts: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Per count of ``counts`` (none below the alternations already run), ``(N,)`` each
+        slice's squared error on its held-back lines after that many alternations, summed
+        over the folds."""
+        if min(counts) <= self.rounds:
+            raise ValueError(f"{self.rounds} alternations already run: {min(counts)} is past")
+        residual = {rounds: torch.zeros(len(self.y)) for rounds in counts}
+        for fold, (op_rest, y_rest, held) in enumerate(self.splits):
+            image = self.images[fold]
+            for step in range(self.rounds + 1, max(counts) + 1):
+                image = data_consistent(op_rest, self.project(image), y_rest, damping=self.damping)
+                if step in residual:
+                    residual[step] += (
+                        ((self.op.A(image) - self.y).square() * held).flatten(1).sum(1)
+                    )
+            self.images[fold] = image
+        self.rounds = max(self.rounds, *counts)
+        return residual
 
 
 def with_alternations(
@@ -404,27 +420,25 @@ def with_alternations(
     groups: np.ndarray | None = None,
 ) -> PhaseCalibration:
     """``calibration`` with the alternations under which its pocs baseline best predicts the
-    held-back lines (the outer folds of :func:`calibration_folds`): for SENSE the damping of
-    :data:`SENSE_DAMPINGS` (after :data:`POCS_ROUNDS`, pooled over the batch's constrained
-    slices) — how far the fits may go depends on how well the coil maps explain the data
-    (exact in simulation, estimated on new scans) — then per scan (``groups``, ``(N,)``;
-    default all one) the count of :data:`ALTERNATION_ROUNDS`, pooled over its constrained
-    slices, by :func:`chosen_rounds` (each step from :data:`POCS_ROUNDS` must earn its place):
-    from an estimated phase POCS semi-converges, where the phase fits it goes on gaining,
-    and how soon either shows differs by scan (docs/samplers.md)."""
+    held-back lines (the outer folds of :func:`calibration_folds`, :class:`FoldAlternations`):
+    for SENSE the damping of :data:`SENSE_DAMPINGS` (after :data:`POCS_ROUNDS`, pooled over
+    the batch's constrained slices) — how far the fits may go depends on how well the coil
+    maps explain the data (exact in simulation, estimated on new scans) — then per scan
+    (``groups``, ``(N,)``; default all one) the count of :data:`ALTERNATION_ROUNDS`, pooled
+    over its constrained slices, by :func:`chosen_rounds` (each step from :data:`POCS_ROUNDS`
+    must earn its place): from an estimated phase POCS semi-converges, where the phase fits it
+    goes on gaining, and how soon either shows differs by scan (docs/samplers.md)."""
     rows = calibration.constrained
     if not bool(rows.any()):
         return calibration
     folds = calibration_folds(op.line_mask, seed)
-    sense = isinstance(op, MultiCoilSense)
-    damping = None
-    if sense:
-        after = {
-            d: alternation_residuals(op, y, folds, calibration.project, d, (POCS_ROUNDS,))
-            for d in SENSE_DAMPINGS
-        }
-        damping = min(SENSE_DAMPINGS, key=lambda d: float(after[d][POCS_ROUNDS][rows].sum()))
-    residual = alternation_residuals(op, y, folds, calibration.project, damping)
+    fewer = tuple(count for count in ALTERNATION_ROUNDS if count <= POCS_ROUNDS)
+    more = tuple(count for count in ALTERNATION_ROUNDS if count > POCS_ROUNDS)
+    dampings = SENSE_DAMPINGS if isinstance(op, MultiCoilSense) else (None,)
+    runs = {d: FoldAlternations(op, y, folds, calibration.project, d) for d in dampings}
+    early = {d: run.residuals(fewer) for d, run in runs.items()}
+    damping = min(dampings, key=lambda d: float(early[d][POCS_ROUNDS][rows].sum()))
+    residual = early[damping] | runs[damping].residuals(more)
     groups = np.zeros(len(y), np.int64) if groups is None else np.asarray(groups)
     rounds = torch.full((len(y),), POCS_ROUNDS)
     for group in np.unique(groups):
@@ -436,7 +450,7 @@ def with_alternations(
 
 def chosen_rounds(residual: dict[int, float]) -> int:
     """The alternation count of a scan from its held-back squared error after each count of
-    :data:`ALTERNATION_ROUNDS` (:func:`alternation_residuals`, pooled over its slices): from
+    :data:`ALTERNATION_ROUNDS` (:meth:`FoldAlternations.residuals`, pooled over its slices): from
     :data:`POCS_ROUNDS`, a step to the next count up (or down) is taken while it lowers the
     error by :data:`ROUNDS_MARGIN`; of the two walks, the one that ends lower. Each step must
     earn its place because the folds, which reconstruct from fewer lines than the scan has,
@@ -520,35 +534,29 @@ def baselines(
     acq: Acquisition,
     op: MaskedOperator,
     y: torch.Tensor,
-    validation: tuple[MaskedOperator, torch.Tensor, np.ndarray],
-    lambdas: list[float],
+    lamda: float,
     calibration: PhaseCalibration,
-) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
-    """Zero-filled, L1-wavelet CS (λ chosen on ``validation``: operator, measurements and
-    magnitude references of training-subject slices, never the hold-out) and
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Zero-filled, L1-wavelet CS (weight ``lamda``, :func:`validated_cs_lambda`) and
     phase-constrained POCS (under ``calibration``, :meth:`PhaseCalibration.pocs`)
     reconstructions of ``y``.
 
     Returns:
-        ({method: (N, H, W) magnitudes}, {method: seconds per slice}, chosen λ).
+        ({method: (N, H, W) magnitudes}, {method: seconds per slice}).
     """
     n = y.shape[0]
     start = time.perf_counter()
     results = {"zero_filled": magnitude(op.A_adjoint(y))}
     seconds = {"zero_filled": (time.perf_counter() - start) / n}
-    val_op, val_y, val_images = validation
-
-    def cs(i: int, lamda: float, op_=val_op, y_=val_y) -> np.ndarray:
-        return np.abs(l1_wavelet(*acq.numpy_kspace(op_, y_, i), lamda))
-
-    lamda, _ = choose_lambda(cs, list(val_images), lambdas)
     start = time.perf_counter()
-    results["cs_l1"] = np.stack([cs(i, lamda, op, y) for i in range(n)]).astype(np.float32)
+    results["cs_l1"] = np.stack(
+        [np.abs(l1_wavelet(*acq.numpy_kspace(op, y, i), lamda)) for i in range(n)]
+    ).astype(np.float32)
     seconds["cs_l1"] = (time.perf_counter() - start) / n
     start = time.perf_counter()
     results["pocs"] = magnitude(calibration.pocs(op, y))
     seconds["pocs"] = (time.perf_counter() - start) / n
-    return results, seconds, lamda
+    return results, seconds
 
 
 def undersample(
@@ -558,6 +566,20 @@ def undersample(
     op = acq.operator([keys[r] for r in rows])
     subjects, slice_index = slice_identity(store, rows)
     return op, acq.measure(op, store.images[rows], subjects, slice_index, noise_key)
+
+
+def validated_cs_lambda(
+    rc: dict[str, Any], acq: Acquisition, store, rows: np.ndarray, keys: list[str], tag: str
+) -> float:
+    """The CS weight of ``reconstruct.cs_lambdas`` with the lowest NRMSE on the store rows
+    ``rows`` — training-subject slices, never the hold-out — acquired by ``acq`` (noise key
+    ``validation-{tag}``)."""
+    op, y = undersample(acq, store, rows, keys, f"validation-{tag}")
+
+    def cs(i: int, lamda: float) -> np.ndarray:
+        return np.abs(l1_wavelet(*acq.numpy_kspace(op, y, i), lamda))
+
+    return choose_lambda(cs, list(store.images[rows]), list(rc["cs_lambdas"]))[0]
 
 
 def retrospective(
@@ -585,11 +607,10 @@ def retrospective(
     calibration = phase_calibration(rc, op, y, seed, store.index.subject[holdout])
     if not with_baselines:
         return op, y, {}, {}, None, calibration
-    val_op, val_y = undersample(acq, store, validation, keys, f"validation-{tag}")
-    val = (val_op, val_y, store.images[validation])
+    lamda = validated_cs_lambda(rc, acq, store, validation, keys, tag)
     # The pocs baseline runs with the constraint off too: the central window's phase.
     pocs_calibration = calibration or fixed_calibration(op, y, rc)
-    results, seconds, lamda = baselines(acq, op, y, val, list(rc["cs_lambdas"]), pocs_calibration)
+    results, seconds = baselines(acq, op, y, lamda, pocs_calibration)
     return op, y, results, seconds, lamda, calibration
 
 
@@ -760,23 +781,18 @@ def shift_reference(
 
 def cohort_cs_lambda(cfg: dict[str, Any], store, coils: int, acceleration: float) -> float | None:
     """The CS λ the workflow's own reconstruction takes for ``coils`` coils at R =
-    ``acceleration``: chosen on the cohort's training-subject validation slices acquired so
-    (:func:`retrospective`); None without them. A new scan has no reference to choose λ on,
-    and one fixed λ does not suit it: the middle candidate (3e-3) put CS 2.4 dB below
-    zero-filling on nibabel's T1 crop at 1 coil, where the cohort's (1e-3) leaves it 0.2 dB
-    below (docs/samplers.md)."""
+    ``acceleration``: :func:`validated_cs_lambda` on the cohort's training-subject validation
+    slices acquired so, as :func:`retrospective` chooses it; None without them. A new scan has
+    no reference to choose λ on, and one fixed λ does not suit it: the middle candidate (3e-3)
+    put CS 2.4 dB below zero-filling on nibabel's T1 crop at 1 coil, where the cohort's
+    (1e-3) leaves it 0.2 dB below (docs/samplers.md)."""
     rc = dict(cfg["reconstruct"]) | {"coils": coils}
     rows = spread_rows(store.index.rows("train"), rc["validation_slices"])
     if len(rows) == 0:
         return None
     keys = example_keys(store.index.subjects, store.index.subject, store.index.slice_index)
     acq = acquisition(rc, acceleration, store.images.shape[-1], cfg["cohort"]["seed"])
-    op, y = undersample(acq, store, rows, keys, f"validation-R{acceleration:g}")
-
-    def cs(i: int, lamda: float) -> np.ndarray:
-        return np.abs(l1_wavelet(*acq.numpy_kspace(op, y, i), lamda))
-
-    return choose_lambda(cs, list(store.images[rows]), list(rc["cs_lambdas"]))[0]
+    return validated_cs_lambda(rc, acq, store, rows, keys, f"R{acceleration:g}")
 
 
 def prior_scores(
