@@ -84,6 +84,7 @@ class MonaiStep:
             num_res_blocks=model["num_res_blocks"],
             norm_num_groups=model["norm_num_groups"],
             num_head_channels=model["num_head_channels"],
+            use_flash_attention=True,  # as ambient_med's denoiser: the same attention kernel
         )
         self.scheduler = DDPMScheduler(num_train_timesteps=cfg["scheduler"]["num_train_timesteps"])
         self.optimizer = torch.optim.Adam(self.unet.parameters(), lr=cfg["train"]["lr"])

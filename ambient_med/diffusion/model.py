@@ -114,6 +114,13 @@ class AmbientDenoiser(nn.Module):
             num_res_blocks=num_res_blocks,
             norm_num_groups=norm_num_groups,
             num_head_channels=num_head_channels,
+            # PyTorch's fused scaled_dot_product_attention instead of MONAI's einsum and
+            # softmax: the same weights and (to float rounding) the same outputs, without
+            # materialising the (HW)² attention matrix — the middle block attends over
+            # (H/2^(L-1))² positions, 1 GiB per call for a batch of 8 of the default net at
+            # 256². Measured on 2 CPU threads: the tiny test net (middle block at 32²) runs 3.3×
+            # faster at 64², the default net at 64² 1.5× at batch 8 and trains 3-5 % faster.
+            use_flash_attention=True,
         )
 
     def forward(self, z: torch.Tensor, mask_image: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
