@@ -119,7 +119,8 @@ class AmbientDenoiser(nn.Module):
             # materialising the (HW)² attention matrix — the middle block attends over
             # (H/2^(L-1))² positions, 1 GiB per call for a batch of 8 of the default net at
             # 256². Measured on 2 CPU threads: the tiny test net (middle block at 32²) runs 3.3×
-            # faster at 64², the default net at 64² 1.5× at batch 8 and trains 3-5 % faster.
+            # faster at 64², the default net at 64² 1.1-1.5× at batch 8 (two measurements)
+            # and trains 3-5 % faster.
             use_flash_attention=True,
         )
 
