@@ -408,7 +408,7 @@ class FoldAlternations:
                         ((self.op.A(image) - self.y).square() * held).flatten(1).sum(1)
                     )
             self.images[fold] = image
-        self.rounds = max(self.rounds, *counts)
+        self.rounds = max(counts)  # every count lies past the rounds run before (above)
         return residual
 
 
